@@ -1,0 +1,12 @@
+"""A hook registry that knows nothing of Gemma: named sites, scoped hooks, caches.
+
+>>> from hooks import HookRegistry, ActivationCache
+"""
+
+from .cache import ActivationCache, caching_hook
+from .registry import Hook, HookError, HookRegistry, NameSpec, Site, UnknownSiteError, expand_braces
+
+__all__ = [
+    "ActivationCache", "caching_hook", "Hook", "HookError", "HookRegistry", "NameSpec", "Site",
+    "UnknownSiteError", "expand_braces",
+]

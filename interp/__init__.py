@@ -1,0 +1,20 @@
+"""Interpretability on Gemma 3: one import for a notebook.
+
+>>> import interp
+>>> interp.Gemma3Config.preset("1b").n_layers
+26
+"""
+
+from hooks import ActivationCache, Site
+from model import Gemma3, Gemma3Config
+
+
+def load(src: str = "demo", **kwargs) -> Gemma3:
+    """Load a model: ``"demo"`` (the real Gemma 3 270M from PyPI), a directory, a file or a hub id.
+
+    >>> m = interp.load("demo")  # doctest: +SKIP
+    """
+    return Gemma3.from_pretrained(src, **kwargs)
+
+
+__all__ = ["load", "Gemma3", "Gemma3Config", "ActivationCache", "Site"]

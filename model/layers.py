@@ -1,0 +1,217 @@
+"""The Gemma 3 decoder block, written so each named site is one visible step.
+
+Every ``fire(name, x)`` call is a site of the hook registry (see ``hooks``); when nothing is
+hooked it returns ``x`` after one dictionary miss. Attention runs fused
+(``scaled_dot_product_attention``) unless someone hooks ``attn.scores``, ``attn.pattern`` or
+``attn.head_out`` of that layer (or the model is set to ``attn_impl="eager"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hooks import HookRegistry
+
+from .config import GLOBAL, Gemma3Config
+
+BLOCK_SITES = (
+    "resid_pre", "input_norm",
+    "attn.q", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rot", "attn.k_rot",
+    "attn.scores", "attn.pattern", "attn.z", "attn.head_out", "attn.out",
+    "post_attn_norm", "resid_mid", "pre_mlp_norm",
+    "mlp.gate", "mlp.act", "mlp.up", "mlp.hidden", "mlp.out",
+    "post_mlp_norm", "resid_post",
+)
+EXPLICIT_ATTN_SITES = ("attn.scores", "attn.pattern", "attn.head_out")
+
+
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps) * (1 + w)``, computed in float32, cast back once.
+
+    ``w`` is stored as the offset from 1, as in Gemma checkpoints.
+
+    >>> RMSNorm(4)(torch.full((1, 4), 2.0))
+    tensor([[1., 1., 1., 1.]], grad_fn=<ToCopyBackward0>)
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_tables(positions: torch.Tensor, d_head: int, base: float, factor: float, dtype: torch.dtype):
+    """cos and sin ``[batch, seq, 1, d_head]`` for rotate-half RoPE (linear scaling by ``factor``).
+
+    >>> cos, sin = rope_tables(torch.arange(3)[None], 4, 10_000.0, 1.0, torch.float32)
+    >>> cos.shape, float(cos[0, 0, 0, 0])
+    (torch.Size([1, 3, 1, 4]), 1.0)
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, d_head, 2, dtype=torch.float, device=positions.device) / d_head))
+    inv_freq = inv_freq / factor
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` on the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward pass shares: positions, masks and RoPE tables.
+
+    ``key_mask`` is the ``[batch, seq]`` padding mask (None: no padding). Attention masks are
+    built lazily per layer type and only when a layer needs one (``mask`` returns None when
+    plain causal attention is exact, which lets the fused kernel use ``is_causal``).
+    """
+
+    positions: torch.Tensor
+    key_mask: torch.Tensor | None
+    window: int
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    _masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+    def mask(self, layer_type: str, explicit: bool) -> torch.Tensor | None:
+        """Boolean ``[batch, 1, seq_q, seq_k]`` (True = may attend), or None for plain causal."""
+        seq = self.positions.shape[1]
+        sliding_matters = layer_type != GLOBAL and seq > self.window
+        if not explicit and self.key_mask is None and not sliding_matters:
+            return None
+        key = layer_type
+        if key not in self._masks:
+            dev = self.positions.device
+            i = torch.arange(seq, device=dev)
+            allowed = i[None, :] <= i[:, None]
+            if layer_type != GLOBAL:
+                allowed = allowed & (i[:, None] - i[None, :] < self.window)
+            allowed = allowed[None, None]
+            if self.key_mask is not None:
+                allowed = allowed & self.key_mask[:, None, None, :].bool()
+                # a padding query would see no key at all; let it see itself (no NaN rows)
+                allowed = allowed | torch.eye(seq, dtype=torch.bool, device=dev)
+            self._masks[key] = allowed
+        return self._masks[key]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with q/k RMSNorm before RoPE, as in Gemma 3."""
+
+    def __init__(self, cfg: Gemma3Config, layer: int):
+        super().__init__()
+        self.layer, self.layer_type = layer, cfg.layer_types[layer]
+        self.n_heads, self.n_kv, self.d_head, self.group = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.group_size
+        self.scale = cfg.attn_scale
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.d_head, cfg.eps)
+        self.k_norm = RMSNorm(cfg.d_head, cfg.eps)
+        self.site = {s: f"blocks.{layer}.{s}" for s in BLOCK_SITES if s.startswith("attn.")}
+        self.explicit_sites = tuple(self.site[s] for s in EXPLICIT_ATTN_SITES)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, reg: HookRegistry, eager: bool) -> torch.Tensor:
+        fire, n, layer = reg.fire, self.site, self.layer
+        b, s, _ = x.shape
+        q = fire(n["attn.q"], self.q_proj(x).view(b, s, self.n_heads, self.d_head), layer)
+        k = fire(n["attn.k"], self.k_proj(x).view(b, s, self.n_kv, self.d_head), layer)
+        v = fire(n["attn.v"], self.v_proj(x).view(b, s, self.n_kv, self.d_head), layer)
+        q = fire(n["attn.q_normed"], self.q_norm(q), layer)
+        k = fire(n["attn.k_normed"], self.k_norm(k), layer)
+        cos, sin = ctx.rope[self.layer_type]
+        q = fire(n["attn.q_rot"], q * cos + rotate_half(q) * sin, layer)
+        k = fire(n["attn.k_rot"], k * cos + rotate_half(k) * sin, layer)
+
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, hd]
+        active = reg.active
+        explicit = eager or any(name in active for name in self.explicit_sites)
+        mask = ctx.mask(self.layer_type, explicit)
+        if explicit:
+            if self.group > 1:  # query head h reads kv head h // group
+                kh, vh = kh.repeat_interleave(self.group, dim=1), vh.repeat_interleave(self.group, dim=1)
+            scores = torch.matmul(qh, kh.transpose(2, 3)) * self.scale
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            scores = fire(n["attn.scores"], scores, layer)
+            pattern = fire(n["attn.pattern"], torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), layer)
+            z = torch.matmul(pattern, vh).transpose(1, 2)
+        else:
+            z = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=self.group > 1
+            ).transpose(1, 2)
+        z = fire(n["attn.z"], z, layer)  # [b, s, h, hd]
+        if n["attn.head_out"] in active:
+            w_o = self.o_proj.weight.view(-1, self.n_heads, self.d_head)  # [d, h, hd]
+            head_out = fire(n["attn.head_out"], torch.einsum("bshe,dhe->bshd", z, w_o), layer)
+            out = head_out.sum(dim=2)
+        else:
+            out = self.o_proj(z.reshape(b, s, self.n_heads * self.d_head))
+        return fire(n["attn.out"], out, layer)
+
+
+class MLP(nn.Module):
+    """``down(gelu_tanh(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: Gemma3Config, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.site = {s: f"blocks.{layer}.{s}" for s in BLOCK_SITES if s.startswith("mlp.")}
+
+    def forward(self, x: torch.Tensor, reg: HookRegistry) -> torch.Tensor:
+        fire, n, layer = reg.fire, self.site, self.layer
+        gate = fire(n["mlp.gate"], self.gate_proj(x), layer)
+        act = fire(n["mlp.act"], F.gelu(gate, approximate="tanh"), layer)
+        up = fire(n["mlp.up"], self.up_proj(x), layer)
+        hidden = fire(n["mlp.hidden"], act * up, layer)
+        return fire(n["mlp.out"], self.down_proj(hidden), layer)
+
+
+class Block(nn.Module):
+    """One decoder layer: sandwich-normed attention, then sandwich-normed MLP."""
+
+    def __init__(self, cfg: Gemma3Config, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_norm = RMSNorm(cfg.d_model, cfg.eps)
+        self.attn = Attention(cfg, layer)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.eps)
+        self.pre_mlp_norm = RMSNorm(cfg.d_model, cfg.eps)
+        self.mlp = MLP(cfg, layer)
+        self.post_mlp_norm = RMSNorm(cfg.d_model, cfg.eps)
+        self.site = {s: f"blocks.{layer}.{s}" for s in BLOCK_SITES}
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, reg: HookRegistry, eager: bool = False) -> torch.Tensor:
+        fire, n, layer = reg.fire, self.site, self.layer
+        x = fire(n["resid_pre"], x, layer)
+        attn_in = fire(n["input_norm"], self.input_norm(x), layer)
+        attn_add = fire(n["post_attn_norm"], self.post_attn_norm(self.attn(attn_in, ctx, reg, eager)), layer)
+        x = fire(n["resid_mid"], x + attn_add, layer)
+        mlp_in = fire(n["pre_mlp_norm"], self.pre_mlp_norm(x), layer)
+        mlp_add = fire(n["post_mlp_norm"], self.post_mlp_norm(self.mlp(mlp_in, reg)), layer)
+        return fire(n["resid_post"], x + mlp_add, layer)
+
+
+def embed_scale(d_model: int, dtype: torch.dtype) -> torch.Tensor:
+    """sqrt(d_model) cast to the model dtype first (in bf16, 1B: 34.0, not 33.94).
+
+    >>> float(embed_scale(1152, torch.bfloat16))
+    34.0
+    """
+    return torch.tensor(math.sqrt(d_model)).to(dtype)
