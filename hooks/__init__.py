@@ -3,10 +3,11 @@
 >>> from hooks import HookRegistry, ActivationCache
 """
 
-from .cache import ActivationCache, caching_hook
-from .registry import Hook, HookError, HookRegistry, NameSpec, Site, UnknownSiteError, expand_braces
+from .cache import ActivationCache, caching_hook, seq_indices
+from .registry import (Hook, HookError, HookRegistry, NameSpec, Site, UnknownSiteError, backward_hook,
+                       expand_braces)
 
 __all__ = [
-    "ActivationCache", "caching_hook", "Hook", "HookError", "HookRegistry", "NameSpec", "Site",
+    "ActivationCache", "caching_hook", "seq_indices", "backward_hook", "Hook", "HookError", "HookRegistry", "NameSpec", "Site",
     "UnknownSiteError", "expand_braces",
 ]

@@ -70,6 +70,27 @@ class ActivationCache(Mapping[str, torch.Tensor]):
             raise KeyError(f"no 'blocks.{{i}}.{kind}' in this cache; cache names='blocks.*.{kind}'")
         return torch.stack([self._t[f"blocks.{i}.{kind}"] for i in layers])
 
+    def save(self, path) -> None:
+        """Write the cache to a safetensors file (no pickle; ``ActivationCache.load`` reads it).
+
+        >>> import tempfile, os
+        >>> f = os.path.join(tempfile.mkdtemp(), "c.safetensors")
+        >>> ActivationCache({"embed": torch.ones(1, 2)}).save(f)
+        >>> ActivationCache.load(f)["embed"]
+        tensor([[1., 1.]])
+        """
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in self._t.items()}, str(path),
+                  metadata={"format": "pt", "kind": "ActivationCache"})
+
+    @classmethod
+    def load(cls, path, device: str | torch.device = "cpu") -> "ActivationCache":
+        """Read a cache written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        return cls(load_file(str(path), device=str(device)))
+
     def to(self, *args, **kwargs) -> "ActivationCache":
         """A copy with every tensor moved/cast (``cache.to("cpu")``, ``cache.to(torch.bfloat16)``)."""
         return ActivationCache({k: v.to(*args, **kwargs) for k, v in self._t.items()})
@@ -103,18 +124,45 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         return torch.stack([self[name] for name in labels]), labels
 
 
+def seq_indices(positions, site: Site, length: int) -> torch.Tensor | slice:
+    """Sequence indices (in the whole sequence) -> indices into a tensor covering
+    ``site.offset .. site.offset + length - 1``; positions outside are dropped.
+
+    ``positions`` is an int, a list, a slice, or a bool/long tensor. Negative ints count from
+    the end of the whole sequence.
+
+    >>> seq_indices([0, 2, -1], Site("embed", None), 4)
+    tensor([0, 2, 3])
+    """
+    total = site.offset + length
+    if isinstance(positions, slice):
+        idx = torch.arange(total)[positions]
+    elif isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+        idx = positions.nonzero().flatten().cpu()
+    else:
+        idx = torch.as_tensor(positions, dtype=torch.long).flatten().cpu()
+        idx = torch.where(idx < 0, idx + total, idx)
+    idx = idx - site.offset
+    return idx[(idx >= 0) & (idx < length)]
+
+
 def caching_hook(store: dict[str, torch.Tensor], *, device=None, dtype=None,
-                 keep_grad: bool = False) -> Callable[[torch.Tensor, Site], None]:
-    """A hook that stores what it sees in ``store[site.name]`` (detached unless ``keep_grad``).
+                 keep_grad: bool = False, positions=None) -> Callable[[torch.Tensor, Site], None]:
+    """A hook that stores what it sees in ``store[site.name]`` (detached unless ``keep_grad``),
+    optionally moved/cast and cut to some sequence ``positions`` (query positions for
+    scores and patterns).
 
     >>> store = {}
-    >>> caching_hook(store)(torch.ones(2), Site("embed", None))
+    >>> caching_hook(store, positions=[-1])(torch.arange(3.0)[None], Site("embed", None))
     >>> store["embed"]
-    tensor([1., 1.])
+    tensor([[2.]])
     """
 
     def hook(x: torch.Tensor, site: Site) -> None:
         t = x if keep_grad else x.detach()
+        if positions is not None:
+            idx = seq_indices(positions, site, t.shape[site.seq_axis]).to(t.device)
+            t = t.index_select(site.seq_axis, idx)
         if device is not None or dtype is not None:
             t = t.to(device=device, dtype=dtype)
         store[site.name] = t

@@ -47,12 +47,20 @@ class Site:
 
     ``name`` is the canonical site name, ``layer`` the block index (None outside blocks) and
     ``positions`` the token positions the tensor covers, a LongTensor ``[batch, seq]`` (it
-    matters with padding and partial runs).
+    matters with padding and partial runs). ``offset`` is the sequence index of the tensor's
+    first token within the whole sequence (non-zero when a run reuses a cached prefix), and
+    ``seq_axis`` the tensor axis of (query) tokens. ``head_axis`` is the axis that indexes
+    attention heads (None if none) and ``kv_group`` how many query heads share each head on
+    that axis (>1 for keys and values under grouped-query attention).
     """
 
     name: str
     layer: int | None
     positions: torch.Tensor | None = None
+    offset: int = 0
+    seq_axis: int = 1
+    head_axis: int | None = None
+    kv_group: int = 1
 
     @property
     def kind(self) -> str:
@@ -82,20 +90,24 @@ def expand_braces(pattern: str) -> list[str]:
 class HookRegistry:
     """The set of valid site names of one model and the hooks active on them.
 
-    ``aliases`` maps other spellings (e.g. Hugging Face module paths) to canonical names.
+    ``aliases`` maps other spellings (e.g. Hugging Face module paths) to canonical names;
+    ``info`` gives per-name extra :class:`Site` fields (``seq_axis``, ``head_axis``, ``kv_group``).
     ``fire`` is the only method on the hot path.
     """
 
-    def __init__(self, names: Iterable[str], aliases: Mapping[str, str] | None = None):
+    def __init__(self, names: Iterable[str], aliases: Mapping[str, str] | None = None,
+                 info: Mapping[str, dict[str, Any]] | None = None):
         self.names: tuple[str, ...] = tuple(names)
+        self.info: dict[str, dict[str, Any]] = dict(info or {})  # extra Site fields per name
         self._name_set = frozenset(self.names)
         self.aliases: dict[str, str] = dict(aliases or {})
         unknown = [a for a, n in self.aliases.items() if n not in self._name_set]
         if unknown:
             raise ValueError(f"aliases point to unknown names: {unknown}")
         self.active: dict[str, list[Hook]] = {}
-        # Set by the model at the start of each forward: the positions hooks are told about.
+        # Set by the model at the start of each forward: what hooks are told about positions.
         self.positions: torch.Tensor | None = None
+        self.offset: int = 0
 
     # ------------------------------------------------------------------ names
     def resolve(self, spec: NameSpec) -> list[str]:
@@ -193,7 +205,7 @@ class HookRegistry:
         fns = self.active.get(name)
         if fns is None:
             return x
-        site = Site(name, layer, self.positions)
+        site = Site(name, layer, self.positions, self.offset, **self.info.get(name, {}))
         for fn in tuple(fns):
             out = fn(x, site)
             if out is None:
@@ -214,3 +226,22 @@ class HookRegistry:
     def is_hooked(self, name: str) -> bool:
         """True when some hook is active on ``name``."""
         return name in self.active
+
+
+def backward_hook(fn: Callable[[torch.Tensor, Site], Union[torch.Tensor, None]]) -> Hook:
+    """Turn ``fn(grad, site) -> Tensor | None`` into a forward hook that runs it on the
+    gradient flowing back into the site (replacing it when ``fn`` returns a tensor).
+
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> y = x * 1
+    >>> _ = backward_hook(lambda g, site: g * 3)(y, Site("embed", None))
+    >>> y.sum().backward(); x.grad
+    tensor([3., 3.])
+    """
+
+    def hook(x: torch.Tensor, site: Site) -> None:
+        if x.requires_grad:
+            x.register_hook(lambda grad: fn(grad, site))
+        return None
+
+    return hook

@@ -4,6 +4,10 @@
 """
 
 from .config import ConfigError, Gemma3Config
-from .gemma3 import Gemma3, InputError, hf_aliases, site_names
+from .gemma3 import CacheTooLargeError, Gemma3, InputError, hf_aliases, site_names
+from .layers import KVPrefix
 
-__all__ = ["Gemma3", "Gemma3Config", "ConfigError", "InputError", "site_names", "hf_aliases"]
+__all__ = [
+    "Gemma3", "Gemma3Config", "ConfigError", "InputError", "CacheTooLargeError", "KVPrefix", "site_names",
+    "hf_aliases",
+]

@@ -35,8 +35,8 @@ class RMSNorm(nn.Module):
 
     ``w`` is stored as the offset from 1, as in Gemma checkpoints.
 
-    >>> RMSNorm(4)(torch.full((1, 4), 2.0))
-    tensor([[1., 1., 1., 1.]], grad_fn=<ToCopyBackward0>)
+    >>> torch.allclose(RMSNorm(4)(torch.full((1, 4), 2.0)), torch.ones(1, 4))
+    True
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -71,40 +71,81 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class ForwardContext:
-    """What every layer of one forward pass shares: positions, masks and RoPE tables.
+class KVPrefix:
+    """Keys (after RoPE) and values of the first ``length`` tokens, per layer: lets a run
+    compute only the tokens after a shared prefix (generation, prefix-reusing patching).
 
-    ``key_mask`` is the ``[batch, seq]`` padding mask (None: no padding). Attention masks are
-    built lazily per layer type and only when a layer needs one (``mask`` returns None when
-    plain causal attention is exact, which lets the fused kernel use ``is_causal``).
+    ``keys[i]``/``values[i]`` are ``[batch, length, kv_heads, d_head]`` for each layer ``i``
+    the run computes (a partial run needs only its layers).
+    """
+
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    length: int
+
+    @classmethod
+    def from_kv(cls, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int | None = None) -> "KVPrefix":
+        """From a forward's ``kv_out`` dict, keeping the first ``length`` tokens (default: all)."""
+        n = length if length is not None else next(iter(kv.values()))[0].shape[1]
+        return cls({i: k[:, :n] for i, (k, _) in kv.items()}, {i: v[:, :n] for i, (_, v) in kv.items()}, n)
+
+    @classmethod
+    def from_cache(cls, cache, length: int, layers=None) -> "KVPrefix":
+        """From a run's cache of ``blocks.*.attn.k_rot`` and ``blocks.*.attn.v`` (first ``length`` tokens)."""
+        layers = cache.layers("attn.k_rot") if layers is None else list(layers)
+        return cls({i: cache[f"blocks.{i}.attn.k_rot"][:, :length] for i in layers},
+                   {i: cache[f"blocks.{i}.attn.v"][:, :length] for i in layers}, length)
+
+    def expand(self, batch: int) -> "KVPrefix":
+        """The same prefix for ``batch`` rows (from a prefix of batch 1)."""
+        return KVPrefix({i: k.expand(batch, *k.shape[1:]) for i, k in self.keys.items()},
+                        {i: v.expand(batch, *v.shape[1:]) for i, v in self.values.items()}, self.length)
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward pass shares: positions, masks, RoPE tables, a prefix.
+
+    ``key_mask`` is the ``[batch, prefix + seq]`` padding mask (None: no padding). The queries
+    are sequence indices ``offset .. offset + seq - 1``. Attention masks are built lazily per
+    layer type and only when a layer needs one (``mask`` returns None when plain causal
+    attention is exact, which lets the fused kernel use ``is_causal``). ``kv_out``, when a
+    dict, collects each layer's full keys and values (to build a :class:`KVPrefix`).
     """
 
     positions: torch.Tensor
     key_mask: torch.Tensor | None
     window: int
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    prefix: KVPrefix | None = None
+    kv_out: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     _masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
+    @property
+    def offset(self) -> int:
+        return self.prefix.length if self.prefix is not None else 0
+
     def mask(self, layer_type: str, explicit: bool) -> torch.Tensor | None:
-        """Boolean ``[batch, 1, seq_q, seq_k]`` (True = may attend), or None for plain causal."""
-        seq = self.positions.shape[1]
-        sliding_matters = layer_type != GLOBAL and seq > self.window
-        if not explicit and self.key_mask is None and not sliding_matters:
+        """Boolean ``[batch | 1, 1, seq_q, seq_k]`` (True = may attend), or None for plain causal."""
+        s_q = self.positions.shape[1]
+        offset = self.offset
+        s_k = offset + s_q
+        sliding_matters = layer_type != GLOBAL and s_k > self.window
+        if not explicit and self.key_mask is None and not sliding_matters and offset == 0:
             return None
-        key = layer_type
-        if key not in self._masks:
+        if layer_type not in self._masks:
             dev = self.positions.device
-            i = torch.arange(seq, device=dev)
-            allowed = i[None, :] <= i[:, None]
+            qi = torch.arange(offset, s_k, device=dev)[:, None]
+            kj = torch.arange(s_k, device=dev)[None, :]
+            allowed = kj <= qi
             if layer_type != GLOBAL:
-                allowed = allowed & (i[:, None] - i[None, :] < self.window)
+                allowed = allowed & (qi - kj < self.window)
             allowed = allowed[None, None]
             if self.key_mask is not None:
-                allowed = allowed & self.key_mask[:, None, None, :].bool()
                 # a padding query would see no key at all; let it see itself (no NaN rows)
-                allowed = allowed | torch.eye(seq, dtype=torch.bool, device=dev)
-            self._masks[key] = allowed
-        return self._masks[key]
+                allowed = (allowed & self.key_mask[:, None, None, :].bool()) | (kj == qi)
+            self._masks[layer_type] = allowed
+        return self._masks[layer_type]
 
 
 class Attention(nn.Module):
@@ -136,6 +177,11 @@ class Attention(nn.Module):
         q = fire(n["attn.q_rot"], q * cos + rotate_half(q) * sin, layer)
         k = fire(n["attn.k_rot"], k * cos + rotate_half(k) * sin, layer)
 
+        if ctx.prefix is not None:
+            k = torch.cat((ctx.prefix.keys[layer], k), dim=1)
+            v = torch.cat((ctx.prefix.values[layer], v), dim=1)
+        if ctx.kv_out is not None:
+            ctx.kv_out[layer] = (k, v)
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, hd]
         active = reg.active
         explicit = eager or any(name in active for name in self.explicit_sites)
