@@ -1,0 +1,111 @@
+"""Small plotly helpers shared by every analysis: escaped token labels and labelled heatmaps.
+
+Token text is untrusted (a model can emit ``<script>``): every label and hover text goes
+through :func:`escape_token` before it reaches a figure.
+
+>>> escape_token("<b>\\n")
+'&lt;b&gt;↵'
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+
+def escape_token(text: str) -> str:
+    """HTML-escape a token and make whitespace visible (newline ↵, tab ⇥, leading/trailing space ·).
+
+    >>> escape_token(" Paris")
+    '·Paris'
+    """
+    text = html.escape(text, quote=True).replace("\n", "↵").replace("\t", "⇥").replace("\r", "⏎")
+    if text.startswith(" "):
+        text = "·" + text[1:]
+    if text.endswith(" ") and len(text) > 1:
+        text = text[:-1] + "·"
+    return text if text else "∅"
+
+
+def escape_tokens(tokens: Sequence[str]) -> list[str]:
+    """:func:`escape_token` on each token."""
+    return [escape_token(t) for t in tokens]
+
+
+def _array(z) -> np.ndarray:
+    if isinstance(z, torch.Tensor):
+        z = z.detach().float().cpu().numpy()
+    return np.asarray(z, dtype=float)
+
+
+def heatmap(z, x_labels: Sequence[str] | None = None, y_labels: Sequence[str] | None = None, *,
+            title: str = "", x_title: str = "", y_title: str = "", text: Sequence[Sequence[str]] | None = None,
+            hover: Sequence[Sequence[str]] | None = None, zmid: float | None = None,
+            colorscale: str = "RdBu", reverse_y: bool = True, colorbar_title: str = "") -> go.Figure:
+    """A heatmap of ``z [rows, cols]`` with (escaped) tick labels; duplicate labels stay distinct.
+
+    ``text`` writes a string in each cell, ``hover`` adds a line to each cell's hover box
+    (both are escaped here). ``zmid`` centres a diverging colour scale.
+
+    >>> fig = heatmap([[0, 1], [2, 3]], ["a", "a"], ["l0", "l1"], title="t")
+    >>> fig.data[0].z.shape
+    (2, 2)
+    """
+    z = _array(z)
+    rows, cols = z.shape
+    x_labels = escape_tokens(x_labels) if x_labels is not None else [str(i) for i in range(cols)]
+    y_labels = [escape_token(str(t)) for t in y_labels] if y_labels is not None else [str(i) for i in range(rows)]
+    custom = None
+    hovertemplate = f"{y_title or 'row'} %{{y}} · {x_title or 'col'} %{{x}}<br>value %{{z:.4g}}"
+    if hover is not None:
+        custom = np.array([[escape_token(str(h)).replace("↵", "<br>") for h in row] for row in hover], dtype=object)
+        hovertemplate += "<br>%{customdata}"
+    trace = go.Heatmap(
+        z=z, x=list(range(cols)), y=list(range(rows)), colorscale=colorscale, zmid=zmid,
+        customdata=custom, hovertemplate=hovertemplate + "<extra></extra>",
+        colorbar=dict(title=colorbar_title) if colorbar_title else None,
+    )
+    if text is not None:
+        trace.update(text=[[escape_token(str(t)) for t in row] for row in text], texttemplate="%{text}",
+                     textfont=dict(size=9))
+    fig = go.Figure(trace)
+    fig.update_layout(title=title, template="plotly_white", margin=dict(l=60, r=20, t=50, b=60))
+    fig.update_xaxes(title=x_title, tickmode="array", tickvals=list(range(cols)), ticktext=x_labels, tickangle=-45)
+    fig.update_yaxes(title=y_title, tickmode="array", tickvals=list(range(rows)), ticktext=y_labels,
+                     autorange="reversed" if reverse_y else True)
+    return fig
+
+
+def line(ys: dict[str, Sequence[float]], x: Sequence | None = None, *, title: str = "", x_title: str = "",
+         y_title: str = "", log_y: bool = False) -> go.Figure:
+    """One line per entry of ``ys`` (legend names escaped).
+
+    >>> line({"p": [0.1, 0.5]}, title="t").data[0].name
+    'p'
+    """
+    fig = go.Figure()
+    for name, values in ys.items():
+        values = _array(values)
+        fig.add_trace(go.Scatter(x=list(x) if x is not None else list(range(len(values))), y=values,
+                                 mode="lines+markers", name=escape_token(name)))
+    fig.update_layout(title=title, template="plotly_white", xaxis_title=x_title, yaxis_title=y_title)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def bars(values, labels: Sequence[str], *, title: str = "", y_title: str = "") -> go.Figure:
+    """A bar chart of ``values`` with escaped ``labels``.
+
+    >>> len(bars([1.0, -2.0], ["embed", "blocks.0.attn"]).data[0].x)
+    2
+    """
+    values = _array(values)
+    fig = go.Figure(go.Bar(x=escape_tokens(labels), y=values,
+                           marker_color=["#2166ac" if v >= 0 else "#b2182b" for v in values]))
+    fig.update_layout(title=title, template="plotly_white", yaxis_title=y_title)
+    return fig
