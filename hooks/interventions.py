@@ -164,7 +164,6 @@ def _fit(src: torch.Tensor, x: torch.Tensor, site: Site, what: str, *, full: boo
 
     ``full``: ``src`` must have ``x``'s shape (batch may be 1); else it must broadcast to ``x``.
     """
-    src = src.to(device=x.device, dtype=x.dtype)
     nd, sd = x.dim(), src.dim()
     if full and sd != nd:
         raise ValueError(f"{what}: source for {site.name!r} has shape {tuple(src.shape)} but the site has "
@@ -180,7 +179,7 @@ def _fit(src: torch.Tensor, x: torch.Tensor, site: Site, what: str, *, full: boo
     if not ok:
         raise ValueError(f"{what}: source for {site.name!r} has shape {tuple(src.shape)}, which does not fit "
                          f"the site's {tuple(x.shape)} (offset {site.offset})")
-    return src
+    return src.to(device=x.device, dtype=x.dtype)  # after the cut: moves only what is used
 
 
 def _apply(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
