@@ -142,17 +142,19 @@ class HookRegistry:
         hits: list[str] = []
         for pattern in expand_braces(item):
             if pattern in self._name_set:
-                hits.append(pattern)
+                found = [pattern]
             elif pattern in self.aliases:
-                hits.append(self.aliases[pattern])
-            elif any(c in pattern for c in "*?["):
-                hits.extend(fnmatch.filter(self.names, pattern))
-        if not hits:
-            raise UnknownSiteError(self._unknown_message(item))
+                found = [self.aliases[pattern]]
+            else:
+                found = fnmatch.filter(self.names, pattern) if any(c in pattern for c in "*?[") else []
+            if not found:  # every alternative must match: blocks.{3,99}.x on 6 layers is a typo
+                raise UnknownSiteError(self._unknown_message(pattern if pattern != item else item))
+            hits.extend(found)
         return hits
 
     def _unknown_message(self, item: str) -> str:
-        close = difflib.get_close_matches(item, self.names, n=5, cutoff=0.5)
+        candidates = self.names + tuple(self.aliases) if item.startswith("model.") else self.names
+        close = difflib.get_close_matches(item, candidates, n=5, cutoff=0.5)
         if not close:  # compare the part after blocks.{i}. so a typo in a kind is still found
             kinds = sorted({_LAYER_PREFIX.sub("blocks.*.", n) for n in self.names})
             close = difflib.get_close_matches(_LAYER_PREFIX.sub("blocks.*.", item), kinds, n=5, cutoff=0.4)

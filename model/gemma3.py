@@ -218,7 +218,7 @@ class Gemma3(nn.Module):
         elif isinstance(x, torch.Tensor):
             ids = x
         elif isinstance(x, (list, tuple)):
-            if not x:
+            if not x or all(isinstance(t, (list, tuple)) and not t for t in x):
                 raise InputError("empty input: pass at least one token id or a non-empty text")
             if all(isinstance(t, (list, tuple)) for t in x):
                 lengths = {len(t) for t in x}
@@ -226,7 +226,11 @@ class Gemma3(nn.Module):
                     raise InputError(
                         f"token rows have different lengths {sorted(lengths)}; pad them and pass an "
                         "attention_mask, or pass a list of texts (padded for you)")
-            ids = torch.tensor(x)
+            try:
+                ids = torch.tensor(x)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+                raise InputError(f"cannot read {str(x)[:60]!r} as token ids ({e}); pass a list of ints, "
+                                 "a list of equal-length lists of ints, or a LongTensor") from None
         else:
             raise InputError(f"cannot run on {type(x).__name__}; pass text, a list of texts, or token ids")
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -260,6 +264,8 @@ class Gemma3(nn.Module):
             raise InputError(f"attention_mask has shape {tuple(mask.shape)} but the tokens need {want}"
                              + (f" (a {offset}-token prefix plus {shape[1]} new tokens)" if offset else "")
                              + "; give one 0/1 per token")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise InputError("attention_mask must hold only 0 (padding) and 1 (token); got other values")
         if not bool((mask.sum(-1) > 0).all()):
             raise InputError("an attention_mask row is all zeros: every sequence needs at least one token")
         mask = mask.to(torch.long)
