@@ -165,7 +165,12 @@ class Gemma3Config:
         for softcap in ("final_logit_softcapping", "attn_logit_softcapping"):
             if hf.get(softcap) is not None:
                 raise ConfigError(f"{softcap}={hf[softcap]} is set, but Gemma 3 uses no softcapping")
-        required = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+        if hf.get("use_bidirectional_attention"):
+            raise ConfigError("use_bidirectional_attention is set (an EmbeddingGemma-style encoder), "
+                              "not the causal Gemma 3 decoder this model implements")
+        # Released multimodal configs omit fields equal to transformers' Gemma3TextConfig defaults.
+        hf = {**HF_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k not in HF_TEXT_DEFAULTS}}
+        required = ("num_hidden_layers", "hidden_size", "intermediate_size")
         missing = [k for k in required if k not in hf]
         if missing:
             raise ConfigError(f"config.json lacks {missing}")
@@ -200,10 +205,10 @@ class Gemma3Config:
             d_model=int(hf["hidden_size"]),
             d_mlp=int(hf["intermediate_size"]),
             n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads", n_heads)),
-            d_head=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
+            n_kv_heads=int(hf["num_key_value_heads"]),
+            d_head=int(hf["head_dim"]),
             vocab_size=int(hf["vocab_size"]),
-            window=int(hf.get("sliding_window") or 4096),
+            window=int(hf["sliding_window"]),
             rope_local_base=local_base,
             rope_global_base=global_base,
             rope_global_factor=factor,
@@ -254,6 +259,14 @@ class Gemma3Config:
             "final_logit_softcapping": None,
             "attn_logit_softcapping": None,
         }
+
+
+# transformers' Gemma3TextConfig defaults, which released configs rely on by omission.
+HF_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "sliding_window": 4096, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 131_072, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+}
 
 
 def _linear_factor(params: dict[str, Any]) -> float:

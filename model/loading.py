@@ -71,8 +71,8 @@ def our_name(hf_name: str) -> str | None:
     >>> our_name("language_model.model.embed_tokens.weight")
     'embed.weight'
     """
-    if hf_name in _TIED_HEADS or _VISION.match(hf_name):
-        return None
+    if hf_name in _TIED_HEADS or _VISION.match(hf_name) or hf_name.endswith("freqs_cis"):
+        return None  # tied head, vision tower, gemma_pytorch's RoPE tables: not weights we need
     name = hf_name
     for prefix in _TEXT_PREFIXES:
         if name.startswith(prefix):
@@ -187,7 +187,7 @@ def load_pretrained(cls, src: str | os.PathLike, dtype: torch.dtype = torch.floa
         src = demo_dir()
     path = Path(src).expanduser()
     if not path.exists():
-        if _looks_like_hub_id(str(src)):
+        if _looks_like_hub_id(str(src)) and not Path(str(src).split("/")[0]).is_dir():
             path = download_from_hub(str(src))
         else:
             raise FileNotFoundError(
