@@ -8,6 +8,13 @@
 from hooks import ActivationCache, Site
 from model import Gemma3, Gemma3Config
 
+from .attention import (
+    AttentionDistance, HeadScores, InductionLoss, PatternResult, ablate_heads_hooks, attention_distance,
+    attention_patterns, head_scores, induction_loss, repeated_random_tokens,
+)
+from .dla import DLAResult, direct_logit_attribution
+from .lens import LensResult, logit_lens
+
 
 def load(src: str = "demo", **kwargs) -> Gemma3:
     """Load a model: ``"demo"`` (the real Gemma 3 270M from PyPI), a directory, a file or a hub id.
@@ -17,4 +24,9 @@ def load(src: str = "demo", **kwargs) -> Gemma3:
     return Gemma3.from_pretrained(src, **kwargs)
 
 
-__all__ = ["load", "Gemma3", "Gemma3Config", "ActivationCache", "Site"]
+__all__ = [
+    "load", "Gemma3", "Gemma3Config", "ActivationCache", "Site",
+    "logit_lens", "LensResult", "direct_logit_attribution", "DLAResult",
+    "attention_patterns", "head_scores", "attention_distance", "induction_loss", "ablate_heads_hooks",
+    "repeated_random_tokens", "PatternResult", "HeadScores", "AttentionDistance", "InductionLoss",
+]

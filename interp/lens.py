@@ -1,0 +1,286 @@
+"""The logit lens: read every layer's residual stream through the final norm and the unembedding.
+
+Row 0 is the residual entering layer 0 (the scaled embedding); row ``i + 1`` is the residual
+after layer ``i``. Each row goes through ``model.final_norm`` and the tied unembedding exactly
+as the model's last layer does, so the final row *is* the model's output distribution.
+
+>>> import torch
+>>> from model import Gemma3, Gemma3Config
+>>> m = Gemma3.from_config(Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4,
+...     n_kv_heads=2, d_head=8, vocab_size=100, window=4))
+>>> lens = logit_lens(m, torch.tensor([[2, 17, 5, 9]]), targets=[5], k=3)
+>>> lens.top_ids.shape                      # [layers + 1, positions, k]
+torch.Size([7, 4, 3])
+>>> lens.labels[0], lens.labels[6]
+('embed', 'L5 (global)')
+>>> probs = m(torch.tensor([[2, 17, 5, 9]]))[0].softmax(-1)
+>>> torch.allclose(lens.top_probs[-1, :, 0], probs.max(-1).values, atol=1e-6)
+True
+>>> int(lens.target_ranks[-1, -1, 0]) >= 1   # ranks count from 1 (the top token)
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence, Union
+
+import plotly.graph_objects as go
+import torch
+
+from .plots import escape_token, heatmap, line
+
+Target = Union[str, int]
+_CHUNK_ELEMENTS = 1 << 25  # logits unembedded at once (128 MiB of float32)
+
+
+# ---------------------------------------------------------------------- token helpers
+def str_tokens(model: Any, ids: Sequence[int] | torch.Tensor) -> list[str]:
+    """The text of each token id (``model.tokenizer``), or the ids as strings without one.
+
+    >>> from model import Gemma3, Gemma3Config
+    >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
+    ...     n_kv_heads=1, d_head=8, vocab_size=9))
+    >>> str_tokens(m, [2, 5])
+    ['2', '5']
+    """
+    ids = [int(i) for i in (ids.flatten().tolist() if isinstance(ids, torch.Tensor) else ids)]
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return [str(i) for i in ids]
+    if hasattr(tok, "to_str_tokens"):
+        return list(tok.to_str_tokens(ids))
+    if hasattr(tok, "id_to_piece"):
+        return [tok.id_to_piece(i).replace("\u2581", " ") for i in ids]
+    return [tok.decode([i]) for i in ids]
+
+
+def token_id(model: Any, target: Target) -> int:
+    """One token id for ``target``: an int is checked against the vocabulary; a string is
+    encoded (without BOS) and its *first* token taken, so ``" Paris"`` means the token
+    ``▁Paris``. A string that encodes to several tokens uses the first of them.
+
+    >>> from model import Gemma3, Gemma3Config
+    >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
+    ...     n_kv_heads=1, d_head=8, vocab_size=9))
+    >>> token_id(m, 4)
+    4
+    """
+    vocab = model.cfg.vocab_size
+    if isinstance(target, torch.Tensor):
+        target = int(target)
+    if isinstance(target, bool) or not isinstance(target, (int, str)):
+        raise TypeError(f"a target is a token string or a token id, got {type(target).__name__}")
+    if isinstance(target, int):
+        if not 0 <= target < vocab:
+            raise ValueError(f"target id {target} is outside the vocabulary [0, {vocab})")
+        return target
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError(f"target {target!r} is a string but the model has no tokenizer; pass a token id")
+    ids = list(tok.encode(target))
+    if ids and ids[0] == model.cfg.bos_token_id:
+        ids = ids[1:]
+    if not ids:
+        raise ValueError(f"target {target!r} encodes to no token")
+    return int(ids[0])
+
+
+def layer_labels(cfg: Any) -> list[str]:
+    """Row labels of a lens: ``embed``, then ``L{i}`` per layer, global-attention layers
+    marked ``L{i} (global)`` (the others use the sliding window).
+
+    >>> from model import Gemma3Config
+    >>> layer_labels(Gemma3Config(n_layers=6, d_model=8, d_mlp=8, n_heads=1, n_kv_heads=1, d_head=8, vocab_size=9))
+    ['embed', 'L0', 'L1', 'L2', 'L3', 'L4', 'L5 (global)']
+    """
+    return ["embed"] + [f"L{i}" + (" (global)" if cfg.is_global(i) else "") for i in range(cfg.n_layers)]
+
+
+def _single_row(model: Any, prompt: Any) -> torch.Tensor:
+    ids, mask = model.to_tokens(prompt)
+    if ids.shape[0] != 1:
+        raise ValueError(f"pass one prompt (got a batch of {ids.shape[0]}); run the analysis once per prompt")
+    return ids
+
+
+def _positions(positions: Any, seq: int) -> list[int]:
+    """Absolute, sorted, de-duplicated sequence indices from an int, list, range or slice."""
+    if positions is None:
+        return list(range(seq))
+    if isinstance(positions, slice):
+        out = list(range(seq))[positions]
+    else:
+        raw = [positions] if isinstance(positions, int) else [int(p) for p in positions]
+        for p in raw:
+            if not -seq <= p < seq:
+                raise IndexError(f"position {p} is outside a prompt of {seq} tokens")
+        out = [p % seq for p in raw]
+    if not out:
+        raise ValueError("positions selects no token")
+    return sorted(set(out))
+
+
+# ---------------------------------------------------------------------- result
+@dataclass
+class LensResult:
+    """What :func:`logit_lens` returns. Rows are stages (``labels``), columns the positions
+    that were read (``positions``, indices into ``tokens``).
+
+    ``top_ids``/``top_probs`` are ``[stages, positions, k]``; ``top_tokens[r][c]`` their text.
+    ``target_probs``/``target_ranks`` are ``[stages, positions, targets]`` (rank 1 = the top
+    token), present when targets were given.
+    """
+
+    tokens: list[str]
+    positions: list[int]
+    labels: list[str]
+    layer_types: list[str]
+    top_ids: torch.Tensor
+    top_probs: torch.Tensor
+    top_tokens: list[list[list[str]]]
+    targets: list[int] = field(default_factory=list)
+    target_tokens: list[str] = field(default_factory=list)
+    target_probs: torch.Tensor | None = None
+    target_ranks: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return (f"LensResult({len(self.labels)} stages x {len(self.positions)} positions, k={self.top_ids.shape[-1]}, "
+                f"targets={self.target_tokens})")
+
+    def column(self, position: int = -1) -> int:
+        """The column of sequence ``position`` (negative counts from the prompt's end)."""
+        n = len(self.tokens)
+        if not -n <= position < n:
+            raise IndexError(f"position {position} is outside a prompt of {n} tokens")
+        p = position % n
+        if p not in self.positions:
+            raise IndexError(f"position {p} was not read by this lens (positions={self.positions}); "
+                             "rerun logit_lens with it in positions=")
+        return self.positions.index(p)
+
+    def table(self, position: int = -1) -> list[tuple[str, str, float]]:
+        """``(stage label, top token, its probability)`` per stage at ``position``."""
+        c = self.column(position)
+        return [(label, self.top_tokens[r][c][0], float(self.top_probs[r, c, 0]))
+                for r, label in enumerate(self.labels)]
+
+    def format_table(self, position: int = -1) -> str:
+        """:meth:`table` as aligned text (tokens shown with ``repr``, so spaces are visible),
+        with each target's probability and rank as extra columns."""
+        c = self.column(position)
+        rows = [("layer", "top token", "prob")]
+        for t in self.target_tokens:
+            rows[0] += (f"p({t!r})", "rank")
+        for r, (label, top, prob) in enumerate(self.table(position)):
+            row = (label, repr(top), f"{prob:.3f}")
+            for j in range(len(self.targets)):
+                row += (f"{float(self.target_probs[r, c, j]):.3f}", str(int(self.target_ranks[r, c, j])))
+            rows.append(row)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+    def plot(self, title: str | None = None) -> go.Figure:
+        """Heatmap ``stages x positions`` of the top-1 probability, the top token written in each
+        cell and the top-k (with probabilities) on hover. Global-attention layers are labelled."""
+        k = self.top_ids.shape[-1]
+        hover = []
+        for r, label in enumerate(self.labels):
+            stage = "the embedding" if r == 0 else (
+                f"after layer {r - 1} ({'global' if self.layer_types[r - 1] == 'full_attention' else 'sliding-window'} attention)")
+            hover.append([f"{stage}\ntop {k}:\n" + "\n".join(
+                f"{repr(t)} {float(p):.3g}" for t, p in zip(self.top_tokens[r][c], self.top_probs[r, c]))
+                for c in range(len(self.positions))])
+        fig = heatmap(
+            self.top_probs[:, :, 0], [self.tokens[p] for p in self.positions], self.labels,
+            title=title or "Logit lens: top-1 probability after each layer", x_title="position",
+            y_title="layer", text=[[cells[c][0] for c in range(len(self.positions))] for cells in self.top_tokens],
+            hover=hover, colorscale="Blues", colorbar_title="p(top-1)")
+        fig.data[0].update(zmin=0.0, zmax=1.0)
+        fig.update_layout(height=max(400, 28 * len(self.labels) + 150), width=max(600, 70 * len(self.positions) + 250))
+        return fig
+
+    def plot_targets(self, position: int = -1, metric: str = "prob", title: str | None = None) -> go.Figure:
+        """One line per target across stages at ``position``: ``metric`` is ``"prob"`` or
+        ``"rank"`` (log axis; 1 = the top token)."""
+        if not self.targets:
+            raise ValueError("this lens has no targets; call logit_lens(..., targets=[' Paris'])")
+        if metric not in ("prob", "rank"):
+            raise ValueError(f"metric must be 'prob' or 'rank', got {metric!r}")
+        c = self.column(position)
+        values = self.target_probs if metric == "prob" else self.target_ranks
+        ys = {t: values[:, c, j].float() for j, t in enumerate(self.target_tokens)}
+        p = self.positions[c]
+        fig = line(ys, [escape_token(label) for label in self.labels],
+                   title=title or f"Logit lens at position {p} ({escape_token(self.tokens[p])}): target {metric}",
+                   x_title="layer", y_title="probability" if metric == "prob" else "rank (1 = top)",
+                   log_y=metric == "rank")
+        if metric == "rank":
+            fig.update_yaxes(autorange="reversed")
+        return fig
+
+
+# ---------------------------------------------------------------------- the lens
+@torch.no_grad()
+def logit_lens(model: Any, prompt: Any, targets: Sequence[Target] | Target | None = None,
+               positions: Any = None, k: int = 5) -> LensResult:
+    """Logit lens of one prompt (text or token ids) over every layer.
+
+    ``positions`` (an int, a list, a slice; default all) limits which sequence positions are
+    read, cached and unembedded. ``targets`` are token strings (the first token of each
+    string's encoding, without BOS) or ids; their probability and rank (1 = top) are kept
+    for every stage and position. ``k`` top tokens are kept per cell.
+
+    Memory: positions are unembedded in chunks of at most 2**25 float32 logits.
+
+    >>> lens = logit_lens(model, "The capital of France is", targets=[" Paris"])  # doctest: +SKIP
+    >>> print(lens.format_table())  # doctest: +SKIP
+    >>> lens.plot()  # doctest: +SKIP
+    """
+    ids = _single_row(model, prompt)
+    seq = ids.shape[1]
+    cols = _positions(positions, seq)
+    if isinstance(targets, (str, int)):
+        targets = [targets]
+    target_ids = [token_id(model, t) for t in (targets or [])]
+    k = max(1, min(int(k), model.cfg.vocab_size))
+
+    _, cache = model.run_with_cache(ids, names=["blocks.0.resid_pre", "blocks.*.resid_post"], positions=cols)
+    resid, _ = cache.accumulated_resid()  # [stages, 1, cols, d]
+    w_u = model.embed.weight
+    tid = torch.tensor(target_ids, dtype=torch.long, device=w_u.device)
+    chunk = max(1, _CHUNK_ELEMENTS // model.cfg.vocab_size)
+    top_ids, top_probs, t_probs, t_ranks = [], [], [], []
+    for stage in resid[:, 0]:  # [cols, d]
+        for part in stage.split(chunk):
+            logits = torch.nn.functional.linear(model.final_norm(part), w_u).float()  # [chunk, vocab]
+            logp = logits.log_softmax(-1)
+            values, idx = logp.topk(k, dim=-1)
+            top_ids.append(idx)
+            top_probs.append(values.exp())
+            if target_ids:
+                t_probs.append(logp[:, tid].exp())
+                t_ranks.append(torch.stack([(logits > logits[:, j:j + 1]).sum(-1) + 1 for j in tid.tolist()], -1))
+    stages = resid.shape[0]
+
+    def gather(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts).view(stages, len(cols), -1).cpu()
+
+    top_ids_t = gather(top_ids)
+    flat = str_tokens(model, top_ids_t.flatten().tolist())
+    n_cols = len(cols)
+    top_tokens = [[flat[(r * n_cols + c) * k:(r * n_cols + c + 1) * k] for c in range(n_cols)]
+                  for r in range(top_ids_t.shape[0])]
+    return LensResult(
+        tokens=str_tokens(model, ids[0]),
+        positions=cols,
+        labels=layer_labels(model.cfg),
+        layer_types=list(model.cfg.layer_types),
+        top_ids=top_ids_t,
+        top_probs=gather(top_probs),
+        top_tokens=top_tokens,
+        targets=target_ids,
+        target_tokens=str_tokens(model, target_ids),
+        target_probs=gather(t_probs) if target_ids else None,
+        target_ranks=gather(t_ranks) if target_ids else None,
+    )
