@@ -286,19 +286,11 @@ def test_induction_loss_by_hand_and_ablation(model):
 
 
 # ---------------------------------------------------------------------- the demo model
-@pytest.fixture(scope="module")
-def demo() -> Gemma3:
-    try:
-        return Gemma3.from_pretrained("demo")
-    except (ImportError, FileNotFoundError) as e:  # model/demo.py or its package not there yet
-        pytest.skip(f"demo model unavailable: {e}")
-
-
-def test_demo_induction_heads_are_few(demo):
+def test_demo_induction_heads_are_few(demo_model):
     """On repeated random tokens a few heads do induction (Gemma 3 270M: L5H1 ~0.87, L11H2
     ~0.65, L5H2 ~0.55, L13H3 and L17H2 ~0.33; median ~0.005); zero-ablating the top two
     undoes the drop in loss on the second copy."""
-    ind = head_scores(demo, "induction", seq_len=40, batch=2, seed=0)
+    ind = head_scores(demo_model, "induction", seq_len=40, batch=2, seed=0)
     flat = ind.scores.flatten()
     median = float(flat.median())
     top = ind.top(3)
@@ -306,7 +298,7 @@ def test_demo_induction_heads_are_few(demo):
     assert top[0][2] > 20 * max(median, 1e-3), ind
     strong = int((flat > 0.25).sum())
     assert 1 <= strong <= flat.numel() // 8, ind  # a few heads, not a broad effect
-    loss = induction_loss(demo, seq_len=30, batch=1, seed=0)
+    loss = induction_loss(demo_model, seq_len=30, batch=1, seed=0)
     assert loss.second < 0.25 * loss.first, loss
-    ablated = induction_loss(demo, seq_len=30, batch=1, seed=0, ablate=[(l, h) for l, h, _ in top[:2]])
+    ablated = induction_loss(demo_model, seq_len=30, batch=1, seed=0, ablate=[(l, h) for l, h, _ in top[:2]])
     assert ablated.second > 4 * loss.second, (loss, ablated)

@@ -23,10 +23,6 @@ def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def needs_demo() -> None:
-    pytest.importorskip("model.demo", reason="model/demo.py (the demo loader) does not exist yet")
-
-
 # ---------------------------------------------------------------------- no model needed
 def test_help_documents_both_commands(capsys):
     top = run("--help")  # one real subprocess; the sub-commands' help in-process
@@ -73,8 +69,7 @@ def test_bad_top_is_a_clean_error(capsys):
 
 # ---------------------------------------------------------------------- the demo model
 @pytest.fixture(scope="module")
-def lens_run(tmp_path_factory):
-    needs_demo()
+def lens_run(tmp_path_factory, demo_path):
     out = tmp_path_factory.mktemp("cli") / "lens.html"
     proc = run("lens", PROMPT, "--out", str(out), "--target", " Paris")
     return proc, out
@@ -103,8 +98,7 @@ def test_lens_writes_offline_html(lens_run):
         assert f'"{token}"' in html
 
 
-def test_info_lists_sites():
-    needs_demo()
+def test_info_lists_sites(demo_path):
     proc = run("info")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout

@@ -45,12 +45,6 @@ def tiny_tok() -> Gemma3:
     return Gemma3.from_config(CFG, seed=4, tokenizer=FakeTokenizer(CFG.vocab_size))
 
 
-@pytest.fixture(scope="module")
-def demo_model() -> Gemma3:
-    pytest.importorskip("model.demo", reason="model/demo.py (the demo loader) does not exist yet")
-    return Gemma3.from_pretrained("demo")
-
-
 def close(a, b, scale: float = 1.0) -> bool:
     return abs(float(a) - float(b)) <= 1e-5 * max(1.0, scale)
 

@@ -44,12 +44,6 @@ def tiny_tok() -> Gemma3:
     return Gemma3.from_config(CFG, seed=2, tokenizer=FakeTokenizer(CFG.vocab_size))
 
 
-@pytest.fixture(scope="module")
-def demo_model() -> Gemma3:
-    pytest.importorskip("model.demo", reason="model/demo.py (the demo loader) does not exist yet")
-    return Gemma3.from_pretrained("demo")
-
-
 def strings_of(fig: go.Figure) -> list[str]:
     """Every string anywhere in a figure's JSON-able dict."""
     out: list[str] = []

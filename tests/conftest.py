@@ -1,0 +1,69 @@
+"""Shared fixtures: the real Gemma 3 270M demo model (converted once into the user's cache),
+loaded once per session, and transformers' own loading of the same GGUF as the reference.
+
+Nothing here skips: the demo model and transformers are dev dependencies, and a test that
+silently skipped would hide exactly the checks that prove this is Gemma 3.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The suite is dominated by tiny models, where a second thread costs more than it gives on a
+# 2-core machine (and much more when the machine is shared).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def demo_path() -> Path:
+    """The converted demo directory (config.json, model.safetensors, tokenizer.model).
+
+    Uses the real default cache (``demo_dir()``), so only the first run ever pays for the
+    conversion.
+    """
+    from model.demo import demo_dir
+
+    return demo_dir()
+
+
+@pytest.fixture(scope="session")
+def demo_gguf(demo_path: Path) -> Path:
+    """The assembled Gemma 3 270M Q4_K_M GGUF that ``demo_path`` was converted from."""
+    from model.demo import demo_gguf_path
+
+    return demo_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_path: Path):
+    """The real Gemma 3 270M in fp32, shared by every test (treat it as read-only: tests
+    that hook it use scopes, which always clean up)."""
+    from model import Gemma3
+
+    model = Gemma3.from_pretrained("demo")
+    yield model
+    assert not model.registry.active, "a test left hooks on the shared demo model"
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(demo_gguf: Path):
+    """transformers' own tokenizer for the demo GGUF (``AutoTokenizer.from_pretrained(gguf_file=)``)."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(demo_gguf.parent), gguf_file=demo_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(demo_gguf: Path):
+    """transformers' ``Gemma3ForCausalLM`` loaded from the same GGUF (fp32, eager attention)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(demo_gguf.parent), gguf_file=demo_gguf.name, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
