@@ -13,7 +13,10 @@ from .attention import (
     attention_patterns, head_scores, induction_loss, repeated_random_tokens,
 )
 from .dla import DLAResult, direct_logit_attribution
+from .attribution import attribution_patch
 from .lens import LensResult, logit_lens
+from .metrics import Metric, kl, logit_diff, prob
+from .patching import PatchingResult, compare, patch_sweep
 
 
 def load(src: str = "demo", **kwargs) -> Gemma3:
@@ -29,4 +32,5 @@ __all__ = [
     "logit_lens", "LensResult", "direct_logit_attribution", "DLAResult",
     "attention_patterns", "head_scores", "attention_distance", "induction_loss", "ablate_heads_hooks",
     "repeated_random_tokens", "PatternResult", "HeadScores", "AttentionDistance", "InductionLoss",
+    "patch_sweep", "attribution_patch", "compare", "PatchingResult", "logit_diff", "prob", "kl", "Metric",
 ]

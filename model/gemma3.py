@@ -52,6 +52,11 @@ class InputError(ValueError):
     """Input the model cannot run on (empty, ids out of range, too long, bad mask)."""
 
 
+def _is_resid(x: Any) -> bool:
+    """A float ``[batch, seq, d]`` tensor: a residual stream, not token ids."""
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 3
+
+
 def select_positions(x: torch.Tensor, at: Any) -> torch.Tensor:
     """``x[:, at]`` keeping the sequence axis: ``at`` is an int, list, slice, 1-D LongTensor,
     or a ``[batch, k]`` LongTensor of per-row indices.
@@ -292,7 +297,8 @@ class Gemma3(nn.Module):
         only, padding keys are masked, and padded positions' outputs are meaningless.
 
         Partial runs: ``start_at_layer=L`` takes the residual stream entering layer L
-        (``[batch, seq, d]``) instead of tokens; ``stop_at_layer=L`` returns the residual
+        (``[batch, seq, d]``) instead of tokens (a float ``[batch, seq, d]`` tensor with
+        ``start_at_layer=0`` is taken as the embedding output); ``stop_at_layer=L`` returns the residual
         entering layer L instead of logits. ``logits_at`` (an int, list, slice or LongTensor of
         sequence indices, or a ``[batch, k]`` LongTensor per row) computes the final norm and
         logits only there: ``[batch, k, vocab]``. ``prefix`` (a :class:`KVPrefix`) supplies the
@@ -308,14 +314,15 @@ class Gemma3(nn.Module):
         """
         cfg, reg = self.cfg, self.registry
         offset = prefix.length if prefix is not None else 0
-        if start_at_layer:
+        from_resid = start_at_layer > 0 or _is_resid(x)
+        if from_resid:
             h = self._check_resid(x, start_at_layer)
             mask = self._check_mask(attention_mask, h.shape[:2], offset)
         else:
             ids, mask = self.to_tokens(x, None if offset else attention_mask)
             if offset:
                 mask = self._check_mask(attention_mask, ids.shape, offset)
-        batch, seq = (h if start_at_layer else ids).shape[:2]
+        batch, seq = (h if from_resid else ids).shape[:2]
         if offset + seq > cfg.max_positions:
             raise InputError(f"{offset + seq} tokens exceed the model's {cfg.max_positions} positions")
         if prefix is not None and prefix.keys and next(iter(prefix.keys.values())).shape[0] != batch:
@@ -335,7 +342,7 @@ class Gemma3(nn.Module):
         ctx = ForwardContext(positions, mask, cfg.window, rope, prefix, kv_out)
         eager = self.attn_impl == "eager"
 
-        if not start_at_layer:
+        if not from_resid:
             h = reg.fire("embed", self.embed(ids) * embed_scale(cfg.d_model, dtype))
         stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
         for block in self.blocks[start_at_layer:stop]:
@@ -461,7 +468,9 @@ class Gemma3(nn.Module):
         torch.Size([1, 2, 8])
         """
         cache_names = self.registry.resolve(names)
-        first = "embed" if not kwargs.get("start_at_layer") else f"blocks.{kwargs['start_at_layer']}.resid_pre"
+        start = kwargs.get("start_at_layer") or 0
+        from_resid = start > 0 or _is_resid(x)
+        first = f"blocks.{start}.resid_pre" if from_resid else "embed"
         store: dict[str, torch.Tensor] = {}
 
         def make_leaf(t: torch.Tensor, site) -> torch.Tensor | None:
@@ -526,7 +535,7 @@ class Gemma3(nn.Module):
         return total * size
 
     def _check_cache_fits(self, x, names, device, dtype, positions, max_bytes, kwargs) -> None:
-        if kwargs.get("start_at_layer"):
+        if kwargs.get("start_at_layer") or _is_resid(x):
             batch, seq = x.shape[:2]
         else:
             ids, _ = self.to_tokens(x, kwargs.get("attention_mask"))

@@ -14,8 +14,7 @@ import torch
 from interp.attribution import attribution_patch
 from interp.metrics import logit_diff
 from interp.patching import SWEEPS, Experiment, compare, patch_sweep, plan, site_of
-from tests.test_patching import (CLEAN, CONFIGS, CORRUPT, FACT_CLEAN, FACT_CORRUPT, demo, fact,  # noqa: F401
-                                 make_model, one_thread)
+from tests.test_patching import CLEAN, CONFIGS, CORRUPT, FACT_CLEAN, FACT_CORRUPT, fact_metric, make_model
 
 ALL_SWEEPS = tuple(SWEEPS)
 
@@ -85,7 +84,8 @@ def test_estimate_is_the_directional_derivative():
     assert checked > 30
 
 
-def test_demo_attribution_agrees_in_sign_with_patching(demo, fact):
+def test_demo_attribution_agrees_in_sign_with_patching(demo_model):
+    demo, fact = demo_model, fact_metric(demo_model)
     actual = patch_sweep(demo, FACT_CLEAN, FACT_CORRUPT, fact, "resid_pre", progress=False)
     estimate = attribution_patch(demo, FACT_CLEAN, FACT_CORRUPT, fact, "resid_pre")
     both = compare(actual, estimate)

@@ -15,21 +15,13 @@ import sys
 import pytest
 import torch
 
+from interp import patching
 from interp.metrics import kl, logit_diff, prob
 from interp.patching import SWEEPS, Experiment, compare, patch_sweep, plan, site_of
 from model import Gemma3, Gemma3Config
 from model.config import GLOBAL, SLIDING
 
 ALL_SWEEPS = tuple(SWEEPS)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a shared, loaded machine makes them far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_model(cfg: Gemma3Config, seed: int = 0) -> Gemma3:
@@ -132,12 +124,31 @@ def test_sweep_equals_naive_loop_other_metrics(metric_kind):
         assert (fast["resid_pre"].values[:, 5:] == 0).all()
 
 
-def test_batch_size_and_memory_limit_do_not_change_results():
+def test_hooks_on_the_unembedding_are_respected():
+    """A logit difference reads 2 vocabulary columns; with a hook on ``logits`` the sweep runs
+    the model's own unembedding instead, so the hook sees (and may change) every run."""
+    model = make_model(CONFIGS["mqa"])
+    metric = logit_diff(3, 4)
+    plain = patch_sweep(model, CLEAN, CORRUPT, metric, "resid_mid", progress=False)
+    seen = []
+    with model.hooks({"logits": lambda x, site: seen.append(x.shape[0])}):
+        hooked = patch_sweep(model, CLEAN, CORRUPT, metric, "resid_mid", progress=False)
+    torch.testing.assert_close(hooked.raw, plain.raw, atol=1e-5, rtol=1e-5)
+    assert sum(seen) == 2 + plain.values.numel() - plain.skipped  # clean, corrupt, one row per experiment run
+    with model.hooks({"logits": lambda x, site: x * 2}):
+        doubled = patch_sweep(model, CLEAN, CORRUPT, metric, "resid_mid", progress=False)
+    torch.testing.assert_close(doubled.raw, 2 * plain.raw, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("merge", [0, 10**9])
+def test_batch_size_memory_limit_and_merging_do_not_change_results(monkeypatch, merge):
+    """Batches split by rows or memory, and groups of different starts merged (none / all into one)."""
     model = make_model(CONFIGS["gqa_local_global"])
     metric = logit_diff(3, 4)
     kinds = ("resid_mid", "attn.z", "attn.z_by_pos")
     whole = patch_sweep(model, CLEAN, CORRUPT, metric, kinds, progress=False)
-    for kw in ({"batch_size": 1}, {"batch_size": 5}, {"max_bytes": 1}):
+    monkeypatch.setitem(patching.MERGE_TOKEN_ROWS, "cpu", merge)
+    for kw in ({}, {"batch_size": 1}, {"batch_size": 5}, {"max_bytes": 1}):
         split = patch_sweep(model, CLEAN, CORRUPT, metric, kinds, progress=False, **kw)
         for k in kinds:
             torch.testing.assert_close(split[k].raw, whole[k].raw, atol=1e-5, rtol=1e-5)
@@ -206,14 +217,6 @@ def test_progress_bar_writes_to_stderr(capsys, monkeypatch, tqdm_installed):
 FACT_CLEAN, FACT_CORRUPT = "The capital of France is", "The capital of Italy is"
 
 
-@pytest.fixture(scope="session")
-def demo():
-    try:
-        return Gemma3.from_pretrained("demo")
-    except ImportError as err:  # model/demo.py or its optional dependencies are not there yet
-        pytest.skip(f"demo model unavailable: {err}")
-
-
 def answer_id(model, prompt: str, answer: str) -> int:
     """The first token of ``answer`` as the model would read it after ``prompt``."""
     p = model.to_tokens(prompt)[0][0].tolist()
@@ -222,10 +225,10 @@ def answer_id(model, prompt: str, answer: str) -> int:
     return full[len(p)]
 
 
-@pytest.fixture(scope="module")
-def fact(demo):
-    paris, rome = answer_id(demo, FACT_CLEAN, " Paris"), answer_id(demo, FACT_CORRUPT, " Rome")
-    assert demo.to_tokens(FACT_CLEAN)[0].shape == demo.to_tokens(FACT_CORRUPT)[0].shape
+def fact_metric(model):
+    """logit(' Paris') - logit(' Rome') after the factual prompts (checked to be one token each)."""
+    paris, rome = answer_id(model, FACT_CLEAN, " Paris"), answer_id(model, FACT_CORRUPT, " Rome")
+    assert model.to_tokens(FACT_CLEAN)[0].shape == model.to_tokens(FACT_CORRUPT)[0].shape
     return logit_diff(paris, rome)
 
 
@@ -241,7 +244,8 @@ def demo_sample(e: Experiment, n_layers: int) -> bool:
     return e.layer == mid and e.start >= 4
 
 
-def test_demo_sweep_equals_naive_loop(demo, fact):
+def test_demo_sweep_equals_naive_loop(demo_model):
+    demo, fact = demo_model, fact_metric(demo_model)
     kinds = ("resid_pre", "attn.out", "mlp.out", "attn.z", "attn.z_by_pos")
     fast = patch_sweep(demo, FACT_CLEAN, FACT_CORRUPT, fact, kinds, progress=False)
     ref = naive_sweep(demo, FACT_CLEAN, FACT_CORRUPT, fact, kinds, select=lambda e: demo_sample(e, demo.cfg.n_layers))
