@@ -1,0 +1,57 @@
+"""Render the README's pictures from the demo model (needs a Chromium for the screenshots).
+
+    python docs/make_images.py            # writes docs/images/*.png
+
+Each figure is written as standalone HTML, then photographed by headless Chromium.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import interp  # noqa: E402
+from interp.metrics import logit_diff  # noqa: E402
+
+OUT = ROOT / "docs" / "images"
+
+
+def snap(fig, name: str, width: int = 1000, height: int = 560) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        raise SystemExit("no Chromium found: apt-get install chromium")
+    fig.update_layout(width=width, height=height)
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / f"{name}.html"
+        fig.write_html(page, include_plotlyjs=True, config={"displayModeBar": False})
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                        f"--user-data-dir={tmp}/profile", f"--window-size={width},{height}",
+                        f"--screenshot={OUT / (name + '.png')}", page.as_uri()],
+                       check=True, capture_output=True, timeout=120)
+    print("wrote", OUT / f"{name}.png")
+
+
+def main() -> None:
+    torch.set_grad_enabled(False)
+    OUT.mkdir(parents=True, exist_ok=True)
+    m = interp.load("demo")
+    prompt = "The capital of France is"
+    snap(interp.logit_lens(m, prompt, targets=[" Paris"]).plot(), "logit_lens", height=620)
+    snap(interp.head_scores(m, "induction", seq_len=50, batch=2, seed=0).plot(), "induction_heads", width=700)
+    paris, rome = (m.tokenizer.encode(t, bos=False)[0] for t in (" Paris", " Rome"))
+    result = interp.patch_sweep(m, prompt, "The capital of Italy is", logit_diff(paris, rome),
+                                sites=("resid_pre",), progress=False)
+    snap(result.plot(), "patching_resid_pre", width=800, height=620)
+
+
+if __name__ == "__main__":
+    main()
