@@ -49,7 +49,7 @@ def main() -> None:
     snap(interp.head_scores(m, "induction", seq_len=50, batch=2, seed=0).plot(), "induction_heads", width=700)
     paris, rome = (m.tokenizer.encode(t, bos=False)[0] for t in (" Paris", " Rome"))
     result = interp.patch_sweep(m, prompt, "The capital of Italy is", logit_diff(paris, rome),
-                                sites=("resid_pre",), progress=False)
+                                sites="resid_pre", progress=False)
     snap(result.plot(), "patching_resid_pre", width=800, height=620)
 
 

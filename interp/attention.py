@@ -34,7 +34,7 @@ from plotly.subplots import make_subplots
 
 from hooks.interventions import zero_ablate
 
-from .plots import escape_token, escape_tokens, heatmap, line
+from .plots import escape_token, escape_tokens, heatmap, line, str_tokens
 
 KINDS = ("previous_token", "induction", "duplicate_token", "bos")
 HookSpec = Mapping[Any, Callable] | Sequence[tuple[Any, Callable]] | None
@@ -89,28 +89,6 @@ def repeated_random_tokens(model_or_cfg, seq_len: int = 50, batch: int = 4, seed
     if bos:
         out = torch.cat((torch.full((batch, 1), cfg.bos_token_id, dtype=torch.long), out), dim=1)
     return out
-
-
-def str_tokens(model, ids: Sequence[int] | torch.Tensor) -> list[str]:
-    """Token strings of one row of ids: the tokenizer's ``to_str_tokens`` (or ``decode`` per
-    id) when the model has a tokenizer, else the ids as strings. Not yet escaped.
-
-    >>> from model import Gemma3, Gemma3Config
-    >>> str_tokens(Gemma3(Gemma3Config(n_layers=1, vocab_size=10)), [2, 5])
-    ['2', '5']
-    """
-    ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None and hasattr(tok, "to_str_tokens"):
-        try:
-            out = list(tok.to_str_tokens(ids))
-            if len(out) == len(ids):
-                return [str(t) for t in out]
-        except (TypeError, ValueError, AttributeError):
-            pass
-    if tok is not None and hasattr(tok, "decode"):
-        return [str(tok.decode([i])) for i in ids]
-    return [str(i) for i in ids]
 
 
 def _as_tokens(model, prompt) -> torch.Tensor:

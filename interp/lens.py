@@ -28,33 +28,13 @@ from typing import Any, Sequence, Union
 import plotly.graph_objects as go
 import torch
 
-from .plots import escape_token, heatmap, line
+from .plots import escape_token, heatmap, line, str_tokens
 
 Target = Union[str, int]
 _CHUNK_ELEMENTS = 1 << 25  # logits unembedded at once (128 MiB of float32)
 
 
 # ---------------------------------------------------------------------- token helpers
-def str_tokens(model: Any, ids: Sequence[int] | torch.Tensor) -> list[str]:
-    """The text of each token id (``model.tokenizer``), or the ids as strings without one.
-
-    >>> from model import Gemma3, Gemma3Config
-    >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
-    ...     n_kv_heads=1, d_head=8, vocab_size=9))
-    >>> str_tokens(m, [2, 5])
-    ['2', '5']
-    """
-    ids = [int(i) for i in (ids.flatten().tolist() if isinstance(ids, torch.Tensor) else ids)]
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return [str(i) for i in ids]
-    if hasattr(tok, "to_str_tokens"):
-        return list(tok.to_str_tokens(ids))
-    if hasattr(tok, "id_to_piece"):
-        return [tok.id_to_piece(i).replace("\u2581", " ") for i in ids]
-    return [tok.decode([i]) for i in ids]
-
-
 def token_id(model: Any, target: Target) -> int:
     """One token id for ``target``: an int is checked against the vocabulary; a string is
     encoded (without BOS) and its *first* token taken, so ``" Paris"`` means the token

@@ -60,7 +60,7 @@ import torch
 from model.layers import KVPrefix
 
 from .metrics import Metric, as_metric
-from .plots import escape_token, heatmap
+from .plots import escape_token, heatmap, str_tokens
 
 POSITION_SITES = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
 SWEEPS: dict[str, tuple[str, ...]] = {
@@ -258,18 +258,8 @@ class PromptPair:
 
 
 def token_labels(model, ids: torch.Tensor) -> list[str]:
-    """One string per token id of ``ids [1, seq]`` (the tokenizer's text, else the id)."""
-    tok = getattr(model, "tokenizer", None)
-    out = []
-    for i in ids[0].tolist():
-        text = None
-        if tok is not None:
-            try:
-                text = tok.decode([i])
-            except Exception:  # a tokenizer without decode of single ids: fall back to the id
-                text = None
-        out.append(str(i) if text is None else str(text))
-    return out
+    """One string per token id of ``ids [1, seq]`` (see :func:`interp.plots.str_tokens`)."""
+    return str_tokens(model, ids[0])
 
 
 def prepare_pair(model, clean, corrupt, metric, clean_names: Sequence[str] = (), corrupt_names: Sequence[str] = (),

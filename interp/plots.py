@@ -36,6 +36,27 @@ def escape_tokens(tokens: Sequence[str]) -> list[str]:
     return [escape_token(t) for t in tokens]
 
 
+def str_tokens(model, ids) -> list[str]:
+    """The text of each token id (not yet escaped): the model's tokenizer ``to_str_tokens``,
+    else ``decode`` per id, else the ids as strings (a model without a tokenizer).
+
+    >>> str_tokens(None, [2, 5])
+    ['2', '5']
+    """
+    ids = [int(i) for i in (ids.flatten().tolist() if isinstance(ids, torch.Tensor) else ids)]
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and hasattr(tok, "to_str_tokens"):
+        try:
+            out = list(tok.to_str_tokens(ids))
+            if len(out) == len(ids):
+                return [str(t) for t in out]
+        except (TypeError, ValueError, AttributeError):
+            pass
+    if tok is not None and hasattr(tok, "decode"):
+        return [str(tok.decode([i])) for i in ids]
+    return [str(i) for i in ids]
+
+
 def _array(z) -> np.ndarray:
     if isinstance(z, torch.Tensor):
         z = z.detach().float().cpu().numpy()
