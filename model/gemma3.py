@@ -358,14 +358,15 @@ class Gemma3(nn.Module):
     def generate(self, prompt: Tokens, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: int | None = None, seed: int | None = None, stop_at_eos: bool = True,
                  hooks: Mapping[Any, Callable] | Sequence[tuple[Any, Callable]] | None = None,
-                 ) -> str | list[str] | torch.Tensor:
+                 attention_mask: torch.Tensor | None = None) -> str | list[str] | torch.Tensor:
         """Continue ``prompt`` (greedy when ``temperature`` is 0), reusing keys and values.
 
-        ``hooks`` stay active for every step (e.g. a steering vector). Returns the new text
+        ``hooks`` stay active for every step (e.g. a steering vector). A padded batch of ids
+        takes its ``attention_mask`` (a list of texts is padded for you). Returns the new text
         for text input (a list for a list of texts), else the new token ids ``[batch, n]``.
         Stops early when every row has produced EOS or ``<end_of_turn>``.
         """
-        ids, mask = self.to_tokens(prompt)
+        ids, mask = self.to_tokens(prompt, attention_mask)
         batch = ids.shape[0]
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         stops = torch.tensor([self.cfg.eos_token_id, 106], device=self.device)
