@@ -17,6 +17,7 @@ from .attribution import attribution_patch
 from .lens import LensResult, logit_lens
 from .metrics import Metric, kl, logit_diff, prob
 from .patching import PatchingResult, compare, patch_sweep
+from .sae import JumpReLUSAE, run_with_saes, top_features
 
 
 def load(src: str = "demo", **kwargs) -> Gemma3:
@@ -33,4 +34,5 @@ __all__ = [
     "attention_patterns", "head_scores", "attention_distance", "induction_loss", "ablate_heads_hooks",
     "repeated_random_tokens", "PatternResult", "HeadScores", "AttentionDistance", "InductionLoss",
     "patch_sweep", "attribution_patch", "compare", "PatchingResult", "logit_diff", "prob", "kl", "Metric",
+    "JumpReLUSAE", "run_with_saes", "top_features",
 ]
