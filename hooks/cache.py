@@ -125,16 +125,19 @@ class ActivationCache(Mapping[str, torch.Tensor]):
 
 
 def seq_indices(positions, site: Site, length: int) -> torch.Tensor | slice:
-    """Sequence indices (in the whole sequence) -> indices into a tensor covering
-    ``site.offset .. site.offset + length - 1``; positions outside are dropped.
+    """Sequence indices (in the whole sequence) -> indices into a tensor of ``length`` tokens
+    covering ``site.offset .. site.offset + length - 1`` (or ``site.indices``); positions
+    outside are dropped.
 
     ``positions`` is an int, a list, a slice, or a bool/long tensor. Negative ints count from
     the end of the whole sequence.
 
     >>> seq_indices([0, 2, -1], Site("embed", None), 4)
     tensor([0, 2, 3])
+    >>> seq_indices([3], Site("logits", None, indices=torch.tensor([1, 3]), length=4), 2)
+    tensor([1])
     """
-    total = site.offset + length
+    total, held = site.whole_sequence(length)
     if isinstance(positions, slice):
         idx = torch.arange(total)[positions]
     elif isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
@@ -142,8 +145,9 @@ def seq_indices(positions, site: Site, length: int) -> torch.Tensor | slice:
     else:
         idx = torch.as_tensor(positions, dtype=torch.long).flatten().cpu()
         idx = torch.where(idx < 0, idx + total, idx)
-    idx = idx - site.offset
-    return idx[(idx >= 0) & (idx < length)]
+    wanted = torch.zeros(total + 1, dtype=torch.bool)
+    wanted[idx[(idx >= 0) & (idx < total)]] = True
+    return wanted[held].nonzero().flatten()
 
 
 def caching_hook(store: dict[str, torch.Tensor], *, device=None, dtype=None,

@@ -97,16 +97,16 @@ def _axis_mask(index: Index, size: int, what: str, site: Site, *, strict: bool) 
 
 def _seq_mask(positions: Index, site: Site, local: int, batch: int) -> torch.Tensor:
     """Bool ``[local]`` or ``[batch, local]``: which of the tensor's tokens are selected."""
-    start, total = site.offset, site.offset + local
+    total, held = site.whole_sequence(local)
     if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool and positions.dim() == 2:
         if positions.shape[0] != batch:
             raise ValueError(f"positions= mask has {positions.shape[0]} rows but {site.name!r} has batch {batch}")
         full = torch.zeros(batch, total, dtype=torch.bool)
         n = min(total, positions.shape[1])
         full[:, :n] = positions[:, :n].cpu()
-        return full[:, start:]
+        return full[:, held]
     full = _axis_mask(positions, total, "positions", site, strict=False)
-    return full[start:]
+    return full[held]
 
 
 def selection_mask(x: torch.Tensor, site: Site, *, rows: Index = None, positions: Index = None,
@@ -171,8 +171,9 @@ def _fit(src: torch.Tensor, x: torch.Tensor, site: Site, what: str, *, full: boo
     seq_ax = site.seq_axis % nd
     j = seq_ax - (nd - sd)  # the source axis that lines up with the sequence axis
     local = x.shape[seq_ax]
-    if 0 <= j < sd and src.shape[j] not in (1, local) and src.shape[j] >= site.offset + local:
-        src = src.narrow(j, site.offset, local)
+    total, held = site.whole_sequence(local)
+    if 0 <= j < sd and src.shape[j] not in (1, local) and src.shape[j] >= total:
+        src = src.index_select(j, held.to(src.device)) if site.indices is not None else src.narrow(j, site.offset, local)
     ok = sd <= nd and all(s in (1, t) for s, t in zip(src.shape[::-1], x.shape[::-1]))
     if full:
         ok = ok and all(s == t for s, t in zip(src.shape[1:], x.shape[1:]))
@@ -201,7 +202,8 @@ class _Selection:
     def __call__(self, x: torch.Tensor, site: Site) -> torch.Tensor | None:
         if self.everything:
             return None
-        key = (site.name, tuple(x.shape), x.device, site.offset, site.seq_axis, site.head_axis, site.kv_group)
+        held = None if site.indices is None else (tuple(site.indices.shape), tuple(site.indices.flatten().tolist()))
+        key = (site.name, tuple(x.shape), x.device, site.offset, held, site.seq_axis, site.head_axis, site.kv_group)
         if key not in self._memo:
             if len(self._memo) >= 256:
                 self._memo.clear()

@@ -51,7 +51,9 @@ class Site:
     first token within the whole sequence (non-zero when a run reuses a cached prefix), and
     ``seq_axis`` the tensor axis of (query) tokens. ``head_axis`` is the axis that indexes
     attention heads (None if none) and ``kv_group`` how many query heads share each head on
-    that axis (>1 for keys and values under grouped-query attention).
+    that axis (>1 for keys and values under grouped-query attention). ``indices``, when set,
+    lists the whole-sequence indices the sequence axis holds (a run that computes only some
+    positions, e.g. ``logits_at``), and ``length`` is then the whole sequence's length.
     """
 
     name: str
@@ -61,6 +63,18 @@ class Site:
     seq_axis: int = 1
     head_axis: int | None = None
     kv_group: int = 1
+    indices: torch.Tensor | None = None
+    length: int | None = None
+
+    def whole_sequence(self, local: int) -> tuple[int, torch.Tensor]:
+        """``(length of the whole sequence, the whole-sequence index of each of the tensor's
+        ``local`` tokens)``."""
+        if self.indices is not None:
+            if self.indices.dim() != 1:
+                raise ValueError(f"{self.name!r} holds different positions in each row (per-row logits_at); "
+                                 "a positions= selection cannot apply there")
+            return int(self.length), self.indices.cpu()
+        return self.offset + local, torch.arange(self.offset, self.offset + local)
 
     @property
     def kind(self) -> str:
@@ -105,9 +119,11 @@ class HookRegistry:
         if unknown:
             raise ValueError(f"aliases point to unknown names: {unknown}")
         self.active: dict[str, list[Hook]] = {}
-        # Set by the model at the start of each forward: what hooks are told about positions.
+        # Set by the model during each forward: what hooks are told about positions.
         self.positions: torch.Tensor | None = None
         self.offset: int = 0
+        self.indices: torch.Tensor | None = None
+        self.length: int | None = None
 
     # ------------------------------------------------------------------ names
     def resolve(self, spec: NameSpec) -> list[str]:
@@ -207,7 +223,8 @@ class HookRegistry:
         fns = self.active.get(name)
         if fns is None:
             return x
-        site = Site(name, layer, self.positions, self.offset, **self.info.get(name, {}))
+        site = Site(name, layer, self.positions, self.offset, indices=self.indices, length=self.length,
+                    **self.info.get(name, {}))
         for fn in tuple(fns):
             out = fn(x, site)
             if out is None:

@@ -225,7 +225,8 @@ def logit_lens(model: Any, prompt: Any, targets: Sequence[Target] | Target | Non
     target_ids = [token_id(model, t) for t in (targets or [])]
     k = max(1, min(int(k), model.cfg.vocab_size))
 
-    _, cache = model.run_with_cache(ids, names=["blocks.0.resid_pre", "blocks.*.resid_post"], positions=cols)
+    _, cache = model.run_with_cache(ids, names=["blocks.0.resid_pre", "blocks.*.resid_post"], positions=cols,
+                                    stop_at_layer=model.cfg.n_layers)  # the residuals only: no logits
     resid, _ = cache.accumulated_resid()  # [stages, 1, cols, d]
     w_u = model.embed.weight
     tid = torch.tensor(target_ids, dtype=torch.long, device=w_u.device)

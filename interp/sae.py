@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-_KEYS = {"w_enc": "w_enc", "w_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
+_KEYS = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
 
 
 class JumpReLUSAE(nn.Module):
@@ -169,16 +169,19 @@ def run_with_saes(model, x, saes: Sequence[JumpReLUSAE], *, splice: bool = False
 
 def _sae_hook(sae: JumpReLUSAE, feats: dict[str, torch.Tensor], splice: bool, keep_error: bool):
     def hook(x: torch.Tensor, site) -> torch.Tensor | None:
-        if x.shape[-1] != sae.d_in:
+        flat = x
+        if x.shape[-1] != sae.d_in and site.head_axis == x.dim() - 2 and x.shape[-2] * x.shape[-1] == sae.d_in:
+            flat = x.flatten(-2)  # heads x head_dim, as Hugging Face's o_proj input: [b, s, h * hd]
+        if flat.shape[-1] != sae.d_in:
             raise ValueError(f"SAE for {site.name} reads width {sae.d_in}, but the site has width {x.shape[-1]}")
-        acts = sae.encode(x)
+        acts = sae.encode(flat)
         feats[site.name] = acts
         if not splice:
             return None
         recon = sae.decode(acts)
         if keep_error:
-            recon = recon + (x.to(recon.dtype) - recon).detach()
-        return recon.to(x.dtype)
+            recon = recon + (flat.to(recon.dtype) - recon).detach()
+        return recon.to(x.dtype).view_as(x)
 
     return hook
 

@@ -93,6 +93,9 @@ def hf_aliases(cfg: Gemma3Config) -> dict[str, str]:
     """Hugging Face module paths (as Gemma Scope 2 names them) that mean one of our sites.
 
     A module's *output* unless noted: ``self_attn.o_proj.input`` is the o_proj input (= z).
+    An alias names the same values in this toolkit's layout: ``attn.z`` is ``[b, s, h, hd]``
+    where Hugging Face's o_proj input is ``[b, s, h * hd]`` (``interp.sae`` flattens the heads
+    for an SAE that reads that width).
     """
     out = {"model.embed_tokens": "embed", "model.norm": "final_norm", "lm_head": "logits"}
     for i in range(cfg.n_layers):
@@ -321,12 +324,20 @@ class Gemma3(nn.Module):
         else:
             ids, mask = self.to_tokens(x, None if offset else attention_mask)
             if offset:
+                if mask is not None:
+                    raise InputError("with a prefix, pass token ids and an attention_mask covering prefix "
+                                     "and new tokens, not a list of texts (their padding ignores the prefix)")
                 mask = self._check_mask(attention_mask, ids.shape, offset)
         batch, seq = (h if from_resid else ids).shape[:2]
         if offset + seq > cfg.max_positions:
             raise InputError(f"{offset + seq} tokens exceed the model's {cfg.max_positions} positions")
-        if prefix is not None and prefix.keys and next(iter(prefix.keys.values())).shape[0] != batch:
-            prefix = prefix.expand(batch)
+        if prefix is not None and prefix.keys:
+            rows = next(iter(prefix.keys.values())).shape[0]
+            if rows not in (1, batch):
+                raise InputError(f"the prefix holds {rows} rows but the run has {batch}; give a prefix of "
+                                 "batch 1 (shared) or of the run's batch")
+            if rows != batch:
+                prefix = prefix.expand(batch)
         if mask is not None:
             positions = ((mask.cumsum(-1) - 1).clamp(min=0))[:, offset:]
         else:
@@ -350,9 +361,17 @@ class Gemma3(nn.Module):
         if stop_at_layer is not None:
             return h
         if logits_at is not None:
+            whole = torch.arange(offset, offset + seq, device=h.device)[None, :, None].expand(batch, -1, 1)
+            held = select_positions(whole, logits_at)[..., 0]  # [batch, k] whole-sequence indices
             h = select_positions(h, logits_at)
-        h = reg.fire("final_norm", self.final_norm(h))
-        return reg.fire("logits", nn.functional.linear(h, self.embed.weight))
+            reg.positions = select_positions(positions[..., None], logits_at)[..., 0]
+            same = bool((held == held[:1]).all())  # the same positions in every row?
+            reg.indices, reg.length = (held[0] if same else held), offset + seq
+        try:
+            h = reg.fire("final_norm", self.final_norm(h))
+            return reg.fire("logits", nn.functional.linear(h, self.embed.weight))
+        finally:
+            reg.indices, reg.length = None, None
 
     @torch.no_grad()
     def generate(self, prompt: Tokens, max_new_tokens: int = 20, temperature: float = 0.0,
@@ -361,12 +380,15 @@ class Gemma3(nn.Module):
                  attention_mask: torch.Tensor | None = None) -> str | list[str] | torch.Tensor:
         """Continue ``prompt`` (greedy when ``temperature`` is 0), reusing keys and values.
 
-        ``hooks`` stay active for every step (e.g. a steering vector). A padded batch of ids
-        takes its ``attention_mask`` (a list of texts is padded for you). Returns the new text
+        ``hooks`` stay active for every step (e.g. a steering vector). A left-padded batch of
+        ids takes its ``attention_mask`` (a list of texts is left-padded for you). Returns the new text
         for text input (a list for a list of texts), else the new token ids ``[batch, n]``.
         Stops early when every row has produced EOS or ``<end_of_turn>``.
         """
         ids, mask = self.to_tokens(prompt, attention_mask)
+        if mask is not None and not bool(mask[:, -1].all()):
+            raise InputError("generate() needs left padding (every row's last token real): new tokens follow "
+                             "the last position; pad on the left, as a list of texts is padded for you")
         batch = ids.shape[0]
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         stops = torch.tensor([self.cfg.eos_token_id, 106], device=self.device)

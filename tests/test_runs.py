@@ -223,3 +223,43 @@ def test_generation_keeps_hooks_for_every_step(m):
                hooks={"blocks.0.resid_post": lambda x, site: calls.append(x.shape[1])})
     assert calls == [4, 1, 1]  # the prompt, then one new token per step
     assert not m.registry.active
+
+
+def test_position_selections_on_logits_at_runs_use_whole_sequence_positions(m):
+    from hooks import zero_ablate
+
+    _, cache = m.run_with_cache(IDS, "final_norm", positions=[2], logits_at=[2, 3])
+    _, full = m.run_with_cache(IDS, "final_norm")
+    torch.testing.assert_close(cache["final_norm"], full["final_norm"][:, 2:3], rtol=0, atol=1e-5)
+    out = m.run_with_hooks(IDS, {"logits": zero_ablate(positions=[3])}, logits_at=[2, 3])
+    assert out[0, 1].abs().max() == 0 and out[0, 0].abs().max() > 0
+    with pytest.raises(ValueError, match="per-row"):
+        m.run_with_hooks(torch.cat([IDS, IDS]), {"logits": zero_ablate(positions=[3])},
+                         logits_at=torch.tensor([[2], [3]]))
+    assert not m.registry.active
+
+
+def test_generation_refuses_right_padding(m):
+    mask = torch.ones(1, 5, dtype=torch.long)
+    mask[0, -2:] = 0
+    with pytest.raises(InputError, match="left padding"):
+        m.generate(IDS[:, :5], max_new_tokens=2, attention_mask=mask)
+
+
+def test_prefix_errors(m):
+    kv: dict = {}
+    m(torch.cat([IDS, IDS, IDS])[:, :4], kv_out=kv)
+    with pytest.raises(InputError, match="3 rows"):
+        m(torch.cat([IDS, IDS])[:, 4:], prefix=KVPrefix.from_kv(kv))
+
+
+def test_caching_head_out_leaves_the_output_bit_identical(m):
+    for dtype in (torch.float32, torch.bfloat16):
+        model = m if dtype == torch.float32 else Gemma3.from_config(CFG, seed=3, dtype=torch.bfloat16)
+        model.attn_impl = "eager"
+        try:
+            plain = model(IDS)
+            logits, _ = model.run_with_cache(IDS, names="blocks.*.attn.head_out")
+            assert torch.equal(logits, plain)
+        finally:
+            model.attn_impl = "auto"

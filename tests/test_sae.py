@@ -101,3 +101,13 @@ def test_top_features():
     acts = torch.zeros(1, 2, 5)
     acts[0, -1, 3], acts[0, -1, 1] = 2.0, 1.0
     assert top_features(acts, k=3) == [(3, 2.0), (1, 1.0)]
+
+
+def test_an_sae_on_the_o_proj_input_reads_the_heads_flattened(m):
+    width = CFG.n_heads * CFG.d_head
+    sae = JumpReLUSAE.random(width, 64, site="model.layers.1.self_attn.o_proj.input", seed=0)
+    _, feats = run_with_saes(m, IDS, [sae])
+    _, cache = m.run_with_cache(IDS, names="blocks.1.attn.z")
+    assert torch.equal(feats["blocks.1.attn.z"], sae.encode(cache["blocks.1.attn.z"].flatten(-2)))
+    kept, _ = run_with_saes(m, IDS, [sae], splice=True, keep_error=True)
+    torch.testing.assert_close(kept, m(IDS), rtol=0, atol=1e-5)
