@@ -346,10 +346,11 @@ class Gemma3(nn.Module):
         dtype = self.dtype
         rope = {}
         types = set(cfg.layer_types)
+        rope_positions = positions if mask is not None else positions[:1]  # rows share positions: broadcast
         if SLIDING in types:
-            rope[SLIDING] = rope_tables(positions, cfg.d_head, cfg.rope_local_base, 1.0, dtype)
+            rope[SLIDING] = rope_tables(rope_positions, cfg.d_head, cfg.rope_local_base, 1.0, dtype)
         if GLOBAL in types:
-            rope[GLOBAL] = rope_tables(positions, cfg.d_head, cfg.rope_global_base, cfg.rope_global_factor, dtype)
+            rope[GLOBAL] = rope_tables(rope_positions, cfg.d_head, cfg.rope_global_base, cfg.rope_global_factor, dtype)
         ctx = ForwardContext(positions, mask, cfg.window, rope, prefix, kv_out)
         eager = self.attn_impl == "eager"
 
