@@ -200,15 +200,15 @@ class Attention(nn.Module):
                 qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=self.group > 1
             ).transpose(1, 2)
         z = fire(n["attn.z"], z, layer)  # [b, s, h, hd]
-        out = None
+        out = self.o_proj(z.reshape(b, s, self.n_heads * self.d_head))
         if n["attn.head_out"] in active:
             w_o = self.o_proj.weight.view(-1, self.n_heads, self.d_head)  # [d, h, hd]
             head_out = torch.einsum("bshe,dhe->bshd", z, w_o)
             hooked = fire(n["attn.head_out"], head_out, layer)
-            if hooked is not head_out:  # replaced: the output is the sum of the new per-head parts
-                out = hooked.sum(dim=2, dtype=torch.float32).to(hooked.dtype)
-        if out is None:  # (only read, e.g. cached: the output stays o_proj(z), bit for bit)
-            out = self.o_proj(z.reshape(b, s, self.n_heads * self.d_head))
+            if hooked is not head_out:  # out = sum of the new per-head parts, written as o_proj(z)
+                # plus the heads' changes: a hook that changes nothing leaves out bit for bit
+                change = (hooked.float() - head_out.float()).sum(dim=2)
+                out = (out.float() + change).to(out.dtype)
         return fire(n["attn.out"], out, layer)
 
 
