@@ -466,10 +466,12 @@ class InductionLoss:
 
     @property
     def first(self) -> float:
+        """Mean loss on the first copy (its first token, unpredictable after BOS, left out)."""
         return float(self.per_token[:, 1:self.seq_len].mean())
 
     @property
     def second(self) -> float:
+        """Mean loss on the second copy (its first token left out): low when the model copies."""
         return float(self.per_token[:, self.seq_len + 1:].mean())
 
     def __repr__(self) -> str:

@@ -93,6 +93,7 @@ def load_model(src: str, dtype: str = "float32", device: str = "cpu") -> Any:
 
 
 def run_lens(args: argparse.Namespace, out=sys.stdout) -> int:
+    """``python -m interp lens``: the per-layer table, the final top-k, and the HTML plot."""
     from .lens import logit_lens
     from .plots import escape_token
 
@@ -131,6 +132,7 @@ def _shape(model: Any, name: str) -> str:
 
 
 def run_info(args: argparse.Namespace, out=sys.stdout) -> int:
+    """``python -m interp info``: the configuration and the site names with their shapes."""
     from model.config import GLOBAL
 
     model = load_model(args.model, args.dtype, args.device)

@@ -251,9 +251,11 @@ class PromptPair:
 
     @property
     def seq(self) -> int:
+        """Tokens per prompt."""
         return self.clean_ids.shape[1]
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw metric values -> 0 at the corrupt run, 1 at the clean run."""
         return (raw - self.corrupt_value) / (self.clean_value - self.corrupt_value)
 
 

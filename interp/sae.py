@@ -59,10 +59,12 @@ class JumpReLUSAE(nn.Module):
 
     @property
     def d_in(self) -> int:
+        """Width of the site the SAE reads."""
         return self.w_enc.shape[0]
 
     @property
     def d_sae(self) -> int:
+        """Number of features."""
         return self.w_enc.shape[1]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +77,7 @@ class JumpReLUSAE(nn.Module):
         return acts @ self.w_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of ``x``: ``decode(encode(x))``."""
         return self.decode(self.encode(x))
 
     # ------------------------------------------------------------------ construction

@@ -197,10 +197,12 @@ class Gemma3(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' (and activations') dtype."""
         return self.embed.weight.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the weights live; inputs are moved here."""
         return self.embed.weight.device
 
     def site_names(self) -> list[str]:
