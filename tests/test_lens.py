@@ -12,26 +12,7 @@ from model import Gemma3, Gemma3Config
 
 CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100, window=4)
 IDS = torch.tensor([[2, 17, 5, 9, 7, 33, 41]])  # 7 tokens > window 4; id 7 is "<script>..." below
-SCRIPT = "<script>alert(1)</script>"
-
-
-class FakeTokenizer:
-    """Token i is ``vocab[i]``; ``encode`` splits on '|' and prepends BOS, like a real tokenizer."""
-
-    def __init__(self, n: int):
-        self.vocab = [f" w{i}" for i in range(n)]
-        self.vocab[:3] = ["<pad>", "<eos>", "<bos>"]
-        self.vocab[7] = SCRIPT
-        self.vocab[8] = "a\nb"
-
-    def encode(self, text: str) -> list[int]:
-        return [2] + [self.vocab.index(piece) for piece in text.split("|")]
-
-    def decode(self, ids) -> str:
-        return "".join(self.vocab[i] for i in ids)
-
-    def to_str_tokens(self, ids) -> list[str]:
-        return [self.vocab[i] for i in ids]
+from fakes import SCRIPT, FakeTokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

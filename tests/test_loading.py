@@ -29,15 +29,6 @@ CFG = Gemma3Config(n_layers=3, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_
 IDS = torch.tensor([[2, 17, 250, 3, 99, 42, 7, 8, 120, 5]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: extra threads only contend with other test workers on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def source() -> Gemma3:
     m = Gemma3.from_config(CFG, seed=7)

@@ -65,15 +65,6 @@ ATTN_IMPLS = ("auto", "eager")  # "auto" = the fused scaled_dot_product_attentio
 _cache: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: extra threads only contend with other test workers on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def models(name: str):
     """(ours, hf) for a config, built once per test session (HF construction is the slow part)."""
     if name not in _cache:
