@@ -55,7 +55,7 @@ def build_bridge(model):
 
 def contenders(model, bridge, hf_sdpa, hf_eager, ids, mid: int, device: str):
     """name -> (label, zero-argument call returning (logits, cache or None))."""
-    from hooks.interventions import patch
+    from interp.hooks.interventions import patch
 
     _, clean = model.run_with_cache(ids, f"blocks.{mid}.resid_post")
     src = clean[f"blocks.{mid}.resid_post"]
@@ -105,7 +105,7 @@ def measure_memory(call, device: str) -> tuple[PeakMemory, int, int, int]:
 
 
 def run(args) -> str:
-    from model import Gemma3
+    from interp.model import Gemma3
 
     device = args.device
     cfg = bench_config(args.layers)

@@ -62,7 +62,7 @@ def add_common_args(parser) -> None:
 
 def bench_config(layers: int | None):
     """The real Gemma 3 1B configuration, optionally with fewer layers (same widths, same vocab)."""
-    from model import Gemma3Config
+    from interp.model import Gemma3Config
 
     cfg = Gemma3Config.preset("1b")
     return cfg if layers is None else cfg.replace(n_layers=layers)
@@ -282,7 +282,7 @@ def hf_model_sharing(model, attn_implementation: str = "sdpa"):
     the checkpoints. Buffers (RoPE frequencies, embedding scale) are HF's own.
     """
     import transformers
-    from model.loading import our_name
+    from interp.model.checkpoint import our_name
 
     try:
         from transformers.initialization import no_init_weights

@@ -139,7 +139,7 @@ def replay_seconds(model, calls, loops: int = 200, best_of: int = 5) -> float:
 
 # ---------------------------------------------------------------------- loading (children)
 def child_save(folder: str, layers: int | None, seed: int) -> dict:
-    from model import Gemma3
+    from interp.model import Gemma3
 
     cfg = bench_config(layers)
     model = Gemma3.from_config(cfg, seed=seed, dtype=torch.bfloat16)
@@ -152,7 +152,7 @@ def child_save(folder: str, layers: int | None, seed: int) -> dict:
 def child_load(which: str, folder: str) -> dict:
     """Load in this (fresh) process; memory after imports, after loading, after reading every weight."""
     if which == "ours":
-        from model import Gemma3
+        from interp.model import Gemma3
 
         load = lambda: Gemma3.from_pretrained(folder, dtype=torch.bfloat16)  # noqa: E731
     else:
@@ -211,7 +211,7 @@ def loading_table(layers: int | None, seed: int, folder: str | None) -> str:
 
 # ---------------------------------------------------------------------- main benchmark
 def forward_tables(args) -> str:
-    from model import Gemma3
+    from interp.model import Gemma3
 
     cfg = bench_config(args.layers)
     torch.manual_seed(args.seed)

@@ -125,7 +125,7 @@ def main(argv=None) -> None:
 
     from interp.metrics import logit_diff
     from interp.patching import patch_sweep
-    from model import Gemma3
+    from interp.model import Gemma3
 
     cfg = bench_config(args.layers)
     model = Gemma3.from_config(cfg, seed=args.seed)  # fp32, CPU, frozen

@@ -1,8 +1,8 @@
-"""ActivationCache: a run's activations by site name, with the residual-stream algebra.
+"""ActivationCache: a run's activations by site name; saved and loaded as safetensors.
 
 >>> import torch
 >>> cache = ActivationCache({"blocks.0.resid_post": torch.ones(1, 2, 3),
-...                          "blocks.1.resid_post": torch.zeros(1, 2, 3)})
+...                          "blocks.1.resid_post": torch.zeros(1, 2, 3)}, layer_format="blocks.{layer}.")
 >>> cache.stack("resid_post").shape
 torch.Size([2, 1, 2, 3])
 >>> cache.nbytes
@@ -11,21 +11,36 @@ torch.Size([2, 1, 2, 3])
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from .registry import Site
+from .names import SiteNames
+from .positions import Positions, resolve_positions
+from .registry import NonFiniteError, Site
 
-_LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+FORMAT_VERSION = "1"
+
+
+class CacheFileError(ValueError):
+    """A file that is not an :class:`ActivationCache` written by :meth:`ActivationCache.save`."""
 
 
 class ActivationCache(Mapping[str, torch.Tensor]):
-    """A read-only mapping from site name to tensor (detached unless gradients were asked for)."""
+    """A read-only mapping from site name to tensor (detached unless gradients were asked for).
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None):
+    ``layer_format`` (e.g. ``"blocks.{layer}."``, set by the model that filled the cache) lets
+    :meth:`layers` and :meth:`stack` find one kind of site across layers.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, layer_format: str | None = None):
         self._t: dict[str, torch.Tensor] = dict(tensors or {})
+        self.layer_format = layer_format
+        self._names = SiteNames(self._t, layer_format=layer_format) if layer_format else None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         try:
@@ -33,8 +48,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         except KeyError:
             raise KeyError(
                 f"{name!r} is not in this cache ({len(self._t)} sites cached); cache it with "
-                f"run_with_cache(..., names={name!r}) or names=None for every site"
-            ) from None
+                f"run_with_cache(..., names={name!r}) or names=None for every site") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._t)
@@ -43,7 +57,10 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         return len(self._t)
 
     def __repr__(self) -> str:
-        return f"ActivationCache({len(self)} sites, {self.nbytes / 2**20:.1f} MiB)"
+        return f"{type(self).__name__}({len(self)} sites, {self.nbytes / 2**20:.1f} MiB)"
+
+    def _new(self, tensors: Mapping[str, torch.Tensor]) -> "ActivationCache":
+        return type(self)(tensors, layer_format=self.layer_format)
 
     @property
     def nbytes(self) -> int:
@@ -51,29 +68,37 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         return sum(t.numel() * t.element_size() for t in self._t.values())
 
     def layers(self, kind: str) -> list[int]:
-        """The layer indices for which ``blocks.{i}.{kind}`` is cached, ascending."""
-        out = []
-        for name in self._t:
-            m = _LAYER.match(name)
-            if m and m.group(2) == kind:
-                out.append(int(m.group(1)))
-        return sorted(out)
+        """The layer indices for which ``kind`` (e.g. ``resid_post``) is cached, ascending."""
+        if self._names is None:
+            raise ValueError("this cache has no per-layer naming (layer_format); index it by full site name")
+        return sorted(layer for name, layer in self._names.layer_of.items()
+                      if layer is not None and self._names.split(name)[1] == kind)
 
     def stack(self, kind: str) -> torch.Tensor:
-        """``blocks.{i}.{kind}`` for every cached layer i, stacked: ``[layers, *site_shape]``.
+        """``kind`` at every cached layer, stacked: ``[layers, *site_shape]``.
 
-        >>> ActivationCache({"blocks.0.mlp.out": torch.ones(2)}).stack("mlp.out").shape
+        >>> ActivationCache({"blocks.0.mlp.out": torch.ones(2)}, layer_format="blocks.{layer}.").stack("mlp.out").shape
         torch.Size([1, 2])
         """
         layers = self.layers(kind)
         if not layers:
-            raise KeyError(f"no 'blocks.{{i}}.{kind}' in this cache; cache names='blocks.*.{kind}'")
-        return torch.stack([self._t[f"blocks.{i}.{kind}"] for i in layers])
+            assert self._names is not None
+            raise KeyError(f"no {kind!r} at any layer in this cache; cache names={self._names.every_layer(kind)!r}")
+        assert self._names is not None
+        return torch.stack([self._t[self._names.join(i, kind)] for i in layers])
 
-    def save(self, path) -> None:
-        """Write the cache to a safetensors file (no pickle; ``ActivationCache.load`` reads it).
+    def to(self, *args: Any, **kwargs: Any) -> "ActivationCache":
+        """A copy with every tensor moved/cast (``cache.to("cpu")``, ``cache.to(torch.bfloat16)``)."""
+        return self._new({k: v.to(*args, **kwargs) for k, v in self._t.items()})
 
-        >>> import tempfile, os
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike, allow_non_finite: bool = False) -> None:
+        """Write the cache to a safetensors file (no pickle; :meth:`load` reads it).
+
+        A cache holding NaN or inf is refused (it usually means a broken run) unless
+        ``allow_non_finite``.
+
+        >>> import tempfile
         >>> f = os.path.join(tempfile.mkdtemp(), "c.safetensors")
         >>> ActivationCache({"embed": torch.ones(1, 2)}).save(f)
         >>> ActivationCache.load(f)["embed"]
@@ -81,56 +106,61 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         """
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in self._t.items()}, str(path),
-                  metadata={"format": "pt", "kind": "ActivationCache"})
+        if not allow_non_finite:
+            bad = [k for k, v in self._t.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise NonFiniteError(f"the cache holds NaN or inf at {bad[:5]}; pass allow_non_finite=True to save "
+                                     "it anyway")
+        meta = {"format": "pt", "kind": "ActivationCache", "version": FORMAT_VERSION,
+                "layer_format": json.dumps(self.layer_format)}
+        save_file({k: v.detach().contiguous().cpu() for k, v in self._t.items()}, os.fspath(path), metadata=meta)
 
     @classmethod
-    def load(cls, path, device: str | torch.device = "cpu") -> "ActivationCache":
-        """Read a cache written by :meth:`save`."""
-        from safetensors.torch import load_file
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+             names: Iterable[str] | None = None) -> "ActivationCache":
+        """Read a cache written by :meth:`save`; ``names`` (e.g. ``model.site_names()``) checks
+        that every key is a site of that model. Any other safetensors file (a model's weights,
+        a file with keys that are not site names, tensors of different batch sizes) is a
+        :class:`CacheFileError`."""
+        from safetensors import SafetensorError, safe_open
 
-        return cls(load_file(str(path), device=str(device)))
-
-    def to(self, *args, **kwargs) -> "ActivationCache":
-        """A copy with every tensor moved/cast (``cache.to("cpu")``, ``cache.to(torch.bfloat16)``)."""
-        return ActivationCache({k: v.to(*args, **kwargs) for k, v in self._t.items()})
-
-    # ------------------------------------------------------------------ residual algebra
-    def decompose_resid(self, layer: int | None = None) -> tuple[torch.Tensor, list[str]]:
-        """The residual stream entering ``layer`` (default: after the last layer) as its parts.
-
-        Returns ``(parts [n_parts, batch, seq, d], labels)``: ``embed``, then each earlier
-        layer's ``post_attn_norm`` and ``post_mlp_norm`` (what Gemma adds to the residual).
-        The parts sum to ``resid_pre`` of ``layer`` (to rounding; exactly in fp32 order).
-        Needs ``embed``, ``blocks.*.post_attn_norm`` and ``blocks.*.post_mlp_norm`` cached.
-
-        >>> c = ActivationCache({"embed": torch.ones(1, 1, 2),
-        ...     "blocks.0.post_attn_norm": torch.ones(1, 1, 2), "blocks.0.post_mlp_norm": torch.ones(1, 1, 2)})
-        >>> parts, labels = c.decompose_resid()
-        >>> labels, parts.sum(0)
-        (['embed', 'blocks.0.post_attn_norm', 'blocks.0.post_mlp_norm'], tensor([[[3., 3.]]]))
-        """
-        n = len(self.layers("post_attn_norm")) if layer is None else layer
-        labels = ["embed"]
-        for i in range(n):
-            labels += [f"blocks.{i}.post_attn_norm", f"blocks.{i}.post_mlp_norm"]
-        return torch.stack([self[name] for name in labels]), labels
-
-    def accumulated_resid(self) -> tuple[torch.Tensor, list[str]]:
-        """The residual stream after each stage: ``resid_pre`` of layer 0, then ``resid_post`` of each
-        layer, stacked ``[layers + 1, batch, seq, d]`` with labels (the logit lens's input)."""
-        posts = self.layers("resid_post")
-        labels = ["blocks.0.resid_pre"] + [f"blocks.{i}.resid_post" for i in posts]
-        return torch.stack([self[name] for name in labels]), labels
+        path = os.fspath(path)
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                keys = list(f.keys())
+                if meta.get("kind") != "ActivationCache":
+                    raise CacheFileError(f"{path} is a safetensors file but not an ActivationCache (its metadata has "
+                                         f"no kind='ActivationCache'; it holds {len(keys)} tensors such as "
+                                         f"{keys[:3]}); write caches with cache.save()")
+                bad = [k for k in keys if not _KEY.match(k)]
+                if bad:
+                    raise CacheFileError(f"{path}: {bad[0]!r} is not a site name")
+                if names is not None:
+                    valid = set(names)
+                    foreign = [k for k in keys if k not in valid]
+                    if foreign:
+                        raise CacheFileError(f"{path}: {foreign[:3]} are not sites of this model")
+                tensors = {k: f.get_tensor(k) for k in keys}
+        except SafetensorError as e:
+            raise CacheFileError(f"{path} is not a readable safetensors file ({e})") from None
+        batches = {tuple(t.shape[:1]) for t in tensors.values() if t.dim() > 0}
+        if len(batches) > 1:
+            raise CacheFileError(f"{path}: the tensors have different batch sizes {sorted(batches)}; not one run's cache")
+        try:
+            layer_format = json.loads(meta.get("layer_format", "null"))
+        except json.JSONDecodeError:
+            raise CacheFileError(f"{path}: unreadable layer_format metadata") from None
+        if layer_format is not None and (not isinstance(layer_format, str) or "{layer}" not in layer_format):
+            raise CacheFileError(f"{path}: layer_format metadata {layer_format!r} has no '{{layer}}'")
+        return cls(tensors, layer_format=layer_format)
 
 
-def seq_indices(positions, site: Site, length: int) -> torch.Tensor | slice:
-    """Sequence indices (in the whole sequence) -> indices into a tensor of ``length`` tokens
-    covering ``site.offset .. site.offset + length - 1`` (or ``site.indices``); positions
-    outside are dropped.
-
-    ``positions`` is an int, a list, a slice, or a bool/long tensor. Negative ints count from
-    the end of the whole sequence.
+def seq_indices(positions: Positions, site: Site, length: int) -> torch.Tensor:
+    """Sequence ``positions`` (of the whole sequence, the rule of :mod:`interp.hooks.positions`)
+    -> indices into a tensor of ``length`` tokens that covers ``site.offset .. site.offset +
+    length - 1`` (or ``site.indices``). Selected positions the tensor does not hold (earlier
+    tokens of a cached prefix) are simply not in it; an int outside the whole sequence raises.
 
     >>> seq_indices([0, 2, -1], Site("embed", None), 4)
     tensor([0, 2, 3])
@@ -138,23 +168,18 @@ def seq_indices(positions, site: Site, length: int) -> torch.Tensor | slice:
     tensor([1])
     """
     total, held = site.whole_sequence(length)
-    if isinstance(positions, slice):
-        idx = torch.arange(total)[positions]
-    elif isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
-        idx = positions.nonzero().flatten().cpu()
-    else:
-        idx = torch.as_tensor(positions, dtype=torch.long).flatten().cpu()
-        idx = torch.where(idx < 0, idx + total, idx)
-    wanted = torch.zeros(total + 1, dtype=torch.bool)
-    wanted[idx[(idx >= 0) & (idx < total)]] = True
+    wanted = torch.zeros(total, dtype=torch.bool)
+    wanted[resolve_positions(positions, total)] = True
     return wanted[held].nonzero().flatten()
 
 
-def caching_hook(store: dict[str, torch.Tensor], *, device=None, dtype=None,
-                 keep_grad: bool = False, positions=None) -> Callable[[torch.Tensor, Site], None]:
-    """A hook that stores what it sees in ``store[site.name]`` (detached unless ``keep_grad``),
-    optionally moved/cast and cut to some sequence ``positions`` (query positions for
-    scores and patterns).
+def caching_hook(store: dict[str, torch.Tensor], *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, keep_grad: bool = False,
+                 positions: Positions | None = None) -> Callable[[torch.Tensor, Site], None]:
+    """A hook that stores a copy of what it sees in ``store[site.name]`` (detached unless
+    ``keep_grad``), optionally moved/cast and cut to some sequence ``positions`` (query
+    positions for scores and patterns). It stores a copy, never a view, so a later hook that
+    writes into the activation in place cannot change what was cached.
 
     >>> store = {}
     >>> caching_hook(store, positions=[-1])(torch.arange(3.0)[None], Site("embed", None))
@@ -169,7 +194,12 @@ def caching_hook(store: dict[str, torch.Tensor], *, device=None, dtype=None,
             t = t.index_select(site.seq_axis, idx)
         if device is not None or dtype is not None:
             t = t.to(device=device, dtype=dtype)
+        if not keep_grad and t.data_ptr() == x.data_ptr():
+            t = t.clone()  # (with keep_grad the stored tensor must be the graph's own node)
         store[site.name] = t
         return None
 
     return hook
+
+
+__all__ = ["ActivationCache", "CacheFileError", "caching_hook", "seq_indices"]

@@ -14,10 +14,12 @@ dtype and device; sources are cast to them):
 
 - ``rows=`` batch rows (int, list, slice, LongTensor or bool tensor ``[batch]``).
 - ``positions=`` sequence indices in the *full* sequence (int, list, slice, LongTensor, bool
-  ``[seq]``, or bool ``[batch, seq]`` for a different choice per row). The tensor at a site
-  covers indices ``site.offset .. site.offset + x.shape[site.seq_axis] - 1`` (the offset is
-  non-zero when a run reuses a cached prefix or generates); positions outside that range are
-  skipped. Negative indices count from the end of what has been seen (``offset + seq``). On
+  ``[seq]``, or bool ``[batch, seq]`` for a different choice per row), by the one rule of
+  :mod:`interp.hooks.positions`: negative ints count from the end of the whole sequence seen so
+  far, an int outside it raises, slices clip (``slice(p, None)``: from ``p`` on, also during
+  generation). The tensor at a site covers indices ``site.offset .. site.offset +
+  x.shape[site.seq_axis] - 1`` (the offset is non-zero when a run reuses a cached prefix or
+  generates); selected positions it does not hold are not touched by that call. On
   ``attn.scores`` / ``attn.pattern`` they select query positions. With left padding these
   are indices into the padded row, not the position ids of ``site.positions``.
 - ``heads=`` query-head indices, on sites with a head axis (``site.head_axis``); a
@@ -32,12 +34,12 @@ Composition: several hooks on one site run in the order given (pass a list of
 ``(name, hook)`` pairs), each seeing the previous one's output. Add, then zero part of it:
 
 >>> import torch
->>> from hooks import HookRegistry
->>> reg = HookRegistry(["blocks.0.mlp.out"])
+>>> from interp.hooks import HookRegistry, SiteNames
+>>> reg = HookRegistry(SiteNames(["blocks.0.mlp.out"]))
 >>> steps = [("blocks.0.mlp.out", add(torch.ones(2))),
 ...          ("blocks.0.mlp.out", zero_ablate(positions=[0]))]
 >>> with reg.scope(steps):
-...     reg.fire("blocks.0.mlp.out", torch.zeros(1, 2, 2), 0)
+...     reg.run().fire("blocks.0.mlp.out", torch.zeros(1, 2, 2), 0)
 tensor([[[0., 0.],
          [1., 1.]]])
 """
@@ -48,6 +50,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
+from .positions import positions_mask
 from .registry import Site
 
 Index = Union[int, slice, Sequence[int], torch.Tensor, None]
@@ -60,9 +63,9 @@ __all__ = ["patch", "zero_ablate", "mean_ablate", "resample_ablate", "add", "sel
 # ---------------------------------------------------------------------- selection
 def _check_index(index: Index, what: str) -> Index:
     """Reject selector types early (at construction), so mistakes surface before a run."""
+    if isinstance(index, bool):
+        raise TypeError(f"{what}= must be an int, list, slice or tensor, not a bool")
     if index is None or isinstance(index, (int, slice, torch.Tensor)):
-        if isinstance(index, bool):
-            raise TypeError(f"{what}= must be an int, list, slice or tensor, not a bool")
         return index
     if isinstance(index, (list, tuple, range)):
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in index):
@@ -71,42 +74,26 @@ def _check_index(index: Index, what: str) -> Index:
     raise TypeError(f"{what}= must be an int, list, slice or tensor, got {type(index).__name__}")
 
 
-def _axis_mask(index: Index, size: int, what: str, site: Site, *, strict: bool) -> torch.Tensor:
-    """A bool ``[size]`` mask for ``index`` over ``range(size)``. ``strict``: out of range raises."""
-    if isinstance(index, slice):
-        out = torch.zeros(size, dtype=torch.bool)
-        out[index] = True
-        return out
-    if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
-        if index.dim() != 1 or (strict and index.numel() != size):
-            raise ValueError(f"{what}= bool mask has shape {tuple(index.shape)} but {site.name!r} has "
-                             f"{size} along that axis")
-        out = torch.zeros(size, dtype=torch.bool)
-        n = min(size, index.numel())
-        out[:n] = index[:n].cpu()
-        return out
-    idx = torch.as_tensor([index] if isinstance(index, int) else index, dtype=torch.long).cpu().reshape(-1)
-    idx = torch.where(idx < 0, idx + size, idx)
-    inside = (idx >= 0) & (idx < size)
-    if strict and not bool(inside.all()):
-        raise ValueError(f"{what}= {index!r} is out of range for {site.name!r}, which has {size} along that axis")
-    out = torch.zeros(size, dtype=torch.bool)
-    out[idx[inside]] = True
-    return out
+def _axis_mask(index: Index, size: int, what: str, site: Site) -> torch.Tensor:
+    """A bool ``[size]`` mask for ``index`` over ``range(size)`` (out of range raises)."""
+    try:
+        return positions_mask(index, size, what=what)  # type: ignore[arg-type]
+    except (IndexError, ValueError) as e:
+        raise type(e)(f"{e} (at {site.name!r}, which has {size} along the {what} axis)") from None  # type: ignore[call-arg]
 
 
 def _seq_mask(positions: Index, site: Site, local: int, batch: int) -> torch.Tensor:
-    """Bool ``[local]`` or ``[batch, local]``: which of the tensor's tokens are selected."""
+    """Bool ``[local]`` or ``[batch, local]``: which of the tensor's tokens are selected.
+
+    Positions are indices of the whole sequence (:mod:`interp.hooks.positions`); the tensor
+    holds ``site.whole_sequence(local)`` of them."""
     total, held = site.whole_sequence(local)
     if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool and positions.dim() == 2:
-        if positions.shape[0] != batch:
-            raise ValueError(f"positions= mask has {positions.shape[0]} rows but {site.name!r} has batch {batch}")
-        full = torch.zeros(batch, total, dtype=torch.bool)
-        n = min(total, positions.shape[1])
-        full[:, :n] = positions[:, :n].cpu()
-        return full[:, held]
-    full = _axis_mask(positions, total, "positions", site, strict=False)
-    return full[held]
+        if tuple(positions.shape) != (batch, total):
+            raise ValueError(f"positions= mask has shape {tuple(positions.shape)} but {site.name!r} needs "
+                             f"[batch, whole sequence] = ({batch}, {total})")
+        return positions.cpu()[:, held]
+    return _axis_mask(positions, total, "positions", site)[held]
 
 
 def selection_mask(x: torch.Tensor, site: Site, *, rows: Index = None, positions: Index = None,
@@ -130,7 +117,7 @@ def selection_mask(x: torch.Tensor, site: Site, *, rows: Index = None, positions
         mask = m if mask is None else mask & m
 
     if rows is not None:
-        combine(_axis_mask(rows, x.shape[0], "rows", site, strict=True), (0,))
+        combine(_axis_mask(rows, x.shape[0], "rows", site), (0,))
     if positions is not None:
         ax = site.seq_axis % nd
         sm = _seq_mask(positions, site, x.shape[ax], x.shape[0])
@@ -141,10 +128,10 @@ def selection_mask(x: torch.Tensor, site: Site, *, rows: Index = None, positions
                              "attention sites such as attn.q, attn.z, attn.head_out, attn.pattern")
         ax = site.head_axis % nd
         group = max(int(site.kv_group), 1)
-        query = _axis_mask(heads, x.shape[ax] * group, "heads", site, strict=True)
+        query = _axis_mask(heads, x.shape[ax] * group, "heads", site)
         combine(query.view(-1, group).any(dim=1), (ax,))  # kv head j serves queries j*g .. j*g+g-1
     if neurons is not None:
-        combine(_axis_mask(neurons, x.shape[-1], "neurons", site, strict=True), (nd - 1,))
+        combine(_axis_mask(neurons, x.shape[-1], "neurons", site), (nd - 1,))
     return None if mask is None else mask.to(x.device)
 
 
@@ -160,9 +147,12 @@ def _lookup(source: Source, site: Site, what: str) -> torch.Tensor:
 
 
 def _fit(src: torch.Tensor, x: torch.Tensor, site: Site, what: str, *, full: bool) -> torch.Tensor:
-    """Cast ``src`` to ``x``'s dtype/device and cut a full-sequence source to the tensor's tokens.
+    """Cast ``src`` to ``x``'s dtype/device and cut a whole-sequence source to the tensor's tokens.
 
     ``full``: ``src`` must have ``x``'s shape (batch may be 1); else it must broadcast to ``x``.
+    Along the sequence axis the source holds 1 token (broadcast), the tensor's tokens, or the
+    whole sequence (cut by ``site.offset``); any other length, longer ones included, is an
+    error: a source of another prompt's length is not silently cut.
     """
     nd, sd = x.dim(), src.dim()
     if full and sd != nd:
@@ -172,7 +162,13 @@ def _fit(src: torch.Tensor, x: torch.Tensor, site: Site, what: str, *, full: boo
     j = seq_ax - (nd - sd)  # the source axis that lines up with the sequence axis
     local = x.shape[seq_ax]
     total, held = site.whole_sequence(local)
-    if 0 <= j < sd and src.shape[j] not in (1, local) and src.shape[j] >= total:
+    if 0 <= j < sd and src.shape[j] not in (1, local):
+        if src.shape[j] != total:
+            raise ValueError(
+                f"{what}: the source for {site.name!r} covers {src.shape[j]} tokens, but this run has {total} "
+                f"(the site holds {local} of them); a source must cover the same tokens. Run the source on a "
+                "prompt of the same length, or slice it yourself (e.g. source[:, :n]) if you mean to align "
+                "its first tokens")
         src = src.index_select(j, held.to(src.device)) if site.indices is not None else src.narrow(j, site.offset, local)
     ok = sd <= nd and all(s in (1, t) for s, t in zip(src.shape[::-1], x.shape[::-1]))
     if full:
@@ -203,7 +199,8 @@ class _Selection:
         if self.everything:
             return None
         held = None if site.indices is None else (tuple(site.indices.shape), tuple(site.indices.flatten().tolist()))
-        key = (site.name, tuple(x.shape), x.device, site.offset, held, site.seq_axis, site.head_axis, site.kv_group)
+        key = (site.name, tuple(x.shape), x.device, site.offset, held, site.length, site.seq_axis, site.head_axis,
+               site.kv_group)
         if key not in self._memo:
             if len(self._memo) >= 256:
                 self._memo.clear()

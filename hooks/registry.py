@@ -1,54 +1,65 @@
-"""The hook registry: named sites, scoped hooks, and the one cheap check on the hot path.
+"""The hook registry: scoped hooks on named sites, and the one cheap check on the hot path.
 
-A model declares its site names once and calls ``registry.fire(name, x, layer)`` at each of
-them. When nothing is hooked, ``fire`` is a dictionary miss and returns ``x`` untouched. Hooks
-are ``fn(x, site) -> Tensor | None``: returning a tensor replaces the activation (same shape
-and dtype), ``None`` keeps it. Hooks live only inside a scope and are removed when it ends,
-also on an exception.
+A model declares its site names once (:class:`~interp.hooks.names.SiteNames`). Each forward
+pass opens a :class:`HookRun` (``registry.run(...)``) and calls ``run.fire(name, x, layer)`` at
+every site; when nothing is hooked, ``fire`` is one dictionary miss and returns ``x``. Hooks are
+``fn(x, site) -> Tensor | None``: a returned tensor replaces the activation (same shape, dtype
+and device), ``None`` keeps it.
+
+Scopes and threads. Hooks live only inside a scope (``with registry.scope({...}):``) and are
+removed when it ends, also on an exception. A scope belongs to the thread or asyncio task that
+opened it: the active hooks are a :mod:`contextvars` value, so another thread running the same
+model sees none of them, and an asyncio task sees the scopes that were open where it was
+created plus its own. A forward takes its snapshot of the active hooks when it starts. What is
+shared between threads: the weights, the site names, and the ``check_finite`` debug switch.
 
 >>> import torch
->>> reg = HookRegistry(["a", "blocks.0.b", "blocks.1.b"])
+>>> from interp.hooks.names import SiteNames
+>>> reg = HookRegistry(SiteNames(["a", "blocks.0.b", "blocks.1.b"], layer_format="blocks.{layer}."))
 >>> seen = []
 >>> with reg.scope({"blocks.*.b": lambda x, site: seen.append(site.name)}):
-...     _ = reg.fire("blocks.0.b", torch.zeros(1), 0)
->>> seen, reg.active
+...     _ = reg.run().fire("blocks.0.b", torch.zeros(1), 0)
+>>> seen, dict(reg.active)
 (['blocks.0.b'], {})
 """
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
-import re
+import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
 
 import torch
 
+from .names import NameSpec, SiteNames, is_exact
+
 Hook = Callable[[torch.Tensor, "Site"], Union[torch.Tensor, None]]
-NameSpec = Union[str, Sequence[str], Callable[[str], bool], None]
+HookSpec = Union[Mapping[Any, Hook], Sequence[tuple[Any, Hook]], None]
+
+# Modes of the current thread/task (not of a model): a second, checking pass after a
+# non-finite result, and internal partial runs whose callers know they stop early.
+_CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar("interp_check_finite", default=False)
+_PARTIAL: contextvars.ContextVar[bool] = contextvars.ContextVar("interp_partial_run", default=False)
 
 
 class HookError(RuntimeError):
-    """A hook broke a rule of the registry (wrong shape or dtype, bad return value)."""
+    """A hook broke a rule of the registry (wrong shape, dtype or device, bad return value)."""
 
 
-class UnknownSiteError(KeyError):
-    """A site name, glob or alias that matches nothing; the message lists the nearest names."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
+class NonFiniteError(FloatingPointError):
+    """An activation or result holds NaN or inf; the message names the first site where it appeared."""
 
 
 @dataclass(frozen=True)
 class Site:
     """What a hook is told about the activation it receives.
 
-    ``name`` is the canonical site name, ``layer`` the block index (None outside blocks) and
-    ``positions`` the token positions the tensor covers, a LongTensor ``[batch, seq]`` (it
-    matters with padding and partial runs). ``offset`` is the sequence index of the tensor's
-    first token within the whole sequence (non-zero when a run reuses a cached prefix), and
+    ``name`` is the canonical site name, ``layer`` the layer index (None outside layers) and
+    ``kind`` the name without its layer prefix (``attn.pattern``). ``positions`` are the
+    position ids of the tokens the tensor covers, a LongTensor ``[batch, seq]`` (they differ from
+    sequence indices with left padding). ``offset`` is the sequence index of the tensor's first
+    token in the whole sequence (non-zero when a run reuses a cached prefix or generates), and
     ``seq_axis`` the tensor axis of (query) tokens. ``head_axis`` is the axis that indexes
     attention heads (None if none) and ``kv_group`` how many query heads share each head on
     that axis (>1 for keys and values under grouped-query attention). ``indices``, when set,
@@ -65,6 +76,7 @@ class Site:
     kv_group: int = 1
     indices: torch.Tensor | None = None
     length: int | None = None
+    kind: str = ""
 
     def whole_sequence(self, local: int) -> tuple[int, torch.Tensor]:
         """``(length of the whole sequence, the whole-sequence index of each of the tensor's
@@ -73,160 +85,152 @@ class Site:
             if self.indices.dim() != 1:
                 raise ValueError(f"{self.name!r} holds different positions in each row (per-row logits_at); "
                                  "a positions= selection cannot apply there")
-            return int(self.length), self.indices.cpu()
+            return int(self.length if self.length is not None else local), self.indices.cpu()
         return self.offset + local, torch.arange(self.offset, self.offset + local)
 
-    @property
-    def kind(self) -> str:
-        """The name without its ``blocks.{i}.`` prefix, e.g. ``attn.pattern``."""
-        return _LAYER_PREFIX.sub("", self.name)
+
+class Registration(NamedTuple):
+    """One hook on one site: the function, and whether it was named exactly (not by a glob)."""
+
+    fn: Hook
+    exact: bool
+    spec: str
 
 
-_LAYER_PREFIX = re.compile(r"^blocks\.\d+\.")
+def hook_pairs(hooks: HookSpec) -> list[tuple[Any, Hook]]:
+    """Hook specs as ``[(name spec, hook), ...]``: from a dict, a list of pairs, or None.
 
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style braces: ``blocks.{3,5}.mlp.*`` -> two patterns.
-
-    >>> expand_braces("blocks.{3,5}.mlp.{up,gate}")
-    ['blocks.3.mlp.up', 'blocks.3.mlp.gate', 'blocks.5.mlp.up', 'blocks.5.mlp.gate']
+    >>> [spec for spec, _ in hook_pairs({"embed": print})], hook_pairs(None)
+    (['embed'], [])
     """
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if not match:
-        return [pattern]
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    out: list[str] = []
-    for option in match.group(1).split(","):
-        out.extend(expand_braces(head + option + tail))
-    return out
+    if hooks is None:
+        return []
+    pairs = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
+    for item in pairs:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise TypeError(f"hooks must be a dict {{name: fn}} or a list of (name, fn) pairs, got {item!r}")
+        if not callable(item[1]):
+            raise TypeError(f"the hook for {item[0]!r} is not callable: {item[1]!r}")
+    return pairs
 
 
 class HookRegistry:
-    """The set of valid site names of one model and the hooks active on them.
+    """The site names of one model and the hooks each thread or task has active on them.
 
-    ``aliases`` maps other spellings (e.g. Hugging Face module paths) to canonical names;
-    ``info`` gives per-name extra :class:`Site` fields (``seq_axis``, ``head_axis``, ``kv_group``).
-    ``fire`` is the only method on the hot path.
+    ``info`` gives per-name extra :class:`Site` fields (``seq_axis``, ``head_axis``,
+    ``kv_group``). ``check_finite = True`` (a debug switch, shared by all threads) makes every
+    site check its tensor as it fires and raise :class:`NonFiniteError` at the first NaN or inf.
     """
 
-    def __init__(self, names: Iterable[str], aliases: Mapping[str, str] | None = None,
-                 info: Mapping[str, dict[str, Any]] | None = None):
-        self.names: tuple[str, ...] = tuple(names)
-        self.info: dict[str, dict[str, Any]] = dict(info or {})  # extra Site fields per name
-        self._name_set = frozenset(self.names)
-        self.aliases: dict[str, str] = dict(aliases or {})
-        unknown = [a for a, n in self.aliases.items() if n not in self._name_set]
-        if unknown:
-            raise ValueError(f"aliases point to unknown names: {unknown}")
-        self.active: dict[str, list[Hook]] = {}
-        # Set by the model during each forward: what hooks are told about positions.
-        self.positions: torch.Tensor | None = None
-        self.offset: int = 0
-        self.indices: torch.Tensor | None = None
-        self.length: int | None = None
+    def __init__(self, names: SiteNames, info: Mapping[str, dict[str, Any]] | None = None):
+        self.names = names
+        self.info: dict[str, dict[str, Any]] = {}
+        for name in names.names:
+            layer, kind = names.split(name)
+            self.info[name] = {"kind": kind, **(info or {}).get(name, {})}
+        self._active: contextvars.ContextVar[dict[str, tuple[Registration, ...]]] = contextvars.ContextVar(
+            f"interp_hooks_{id(self)}", default={})
+        self.check_finite = False
 
-    # ------------------------------------------------------------------ names
     def resolve(self, spec: NameSpec) -> list[str]:
-        """Canonical names matched by ``spec``, in model order.
+        """Canonical names matched by ``spec`` (see :meth:`SiteNames.resolve`)."""
+        return self.names.resolve(spec)
 
-        ``spec`` is an exact name, an alias, a glob (``*``, ``?``, ``[..]``, ``{a,b}``), a list
-        of those, a predicate ``fn(name) -> bool``, or None for every name. A string or list
-        item that matches nothing raises :class:`UnknownSiteError` with the closest names.
+    @property
+    def active(self) -> Mapping[str, tuple[Registration, ...]]:
+        """The hooks this thread or task sees: ``{site name: registrations}`` (do not modify)."""
+        return self._active.get()
 
-        >>> reg = HookRegistry(["embed", "blocks.0.attn.q", "blocks.0.attn.k"])
-        >>> reg.resolve("blocks.0.attn.*")
-        ['blocks.0.attn.q', 'blocks.0.attn.k']
-        """
-        if spec is None:
-            return list(self.names)
-        if callable(spec):
-            return [n for n in self.names if spec(n)]
-        if isinstance(spec, str):
-            spec = [spec]
-        wanted: set[str] = set()
-        for item in spec:
-            if not isinstance(item, str):
-                raise TypeError(f"site names must be strings, got {type(item).__name__}: {item!r}")
-            wanted.update(self._match(item))
-        return [n for n in self.names if n in wanted]
+    def is_hooked(self, name: str) -> bool:
+        """True when a hook is active on ``name`` in this thread or task."""
+        return name in self._active.get()
 
-    def _match(self, item: str) -> list[str]:
-        if item in self._name_set:
-            return [item]
-        if item in self.aliases:
-            return [self.aliases[item]]
-        hits: list[str] = []
-        for pattern in expand_braces(item):
-            if pattern in self._name_set:
-                found = [pattern]
-            elif pattern in self.aliases:
-                found = [self.aliases[pattern]]
-            else:
-                found = fnmatch.filter(self.names, pattern) if any(c in pattern for c in "*?[") else []
-            if not found:  # every alternative must match: blocks.{3,99}.x on 6 layers is a typo
-                raise UnknownSiteError(self._unknown_message(pattern if pattern != item else item))
-            hits.extend(found)
-        return hits
-
-    def _unknown_message(self, item: str) -> str:
-        candidates = self.names + tuple(self.aliases) if item.startswith("model.") else self.names
-        close = difflib.get_close_matches(item, candidates, n=5, cutoff=0.5)
-        if not close:  # compare the part after blocks.{i}. so a typo in a kind is still found
-            kinds = sorted({_LAYER_PREFIX.sub("blocks.*.", n) for n in self.names})
-            close = difflib.get_close_matches(_LAYER_PREFIX.sub("blocks.*.", item), kinds, n=5, cutoff=0.4)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        return (
-            f"unknown site {item!r}.{hint} Valid names look like 'embed', 'blocks.3.attn.pattern', "
-            f"'blocks.*.resid_post'; see model.site_names() for all {len(self.names)}."
-        )
-
-    # ------------------------------------------------------------------ scopes
     @contextmanager
-    def scope(self, hooks: Mapping[Any, Hook] | Iterable[tuple[Any, Hook]]) -> Iterator["HookRegistry"]:
-        """Activate hooks for the duration of a ``with`` block.
+    def scope(self, hooks: HookSpec) -> Iterator["HookRegistry"]:
+        """Activate hooks for the duration of a ``with`` block, in this thread or task only.
 
         ``hooks`` maps a name spec (see :meth:`resolve`) to a hook, or is a list of
         ``(spec, hook)`` pairs (to put several hooks on one site; they run in list order,
-        after hooks of enclosing scopes). Everything added is removed on exit, also after an
-        exception, so scopes nest and restore exactly.
+        after the hooks of enclosing scopes). One function reaching one site through two
+        different specs of the same scope (``{"blocks.0.x": f, "blocks.*.x": f}``) would run twice
+        there, which is never what such a dict means: it is a ``ValueError``. Listing the same
+        ``(spec, f)`` pair twice runs ``f`` twice, in order, as written.
         """
-        pairs = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
-        resolved: list[tuple[str, Hook]] = []
+        pairs = hook_pairs(hooks)
+        current = self._active.get()
+        new = dict(current)
+        via: dict[tuple[str, int], str] = {}
         for spec, fn in pairs:
-            if not callable(fn):
-                raise TypeError(f"hook for {spec!r} is not callable: {fn!r}")
-            resolved.extend((name, fn) for name in self.resolve(spec))
-        added: list[tuple[str, Hook]] = []
+            exact = is_exact(spec)
+            label = str(spec if isinstance(spec, str) else getattr(spec, "__name__", repr(spec)))
+            for name in self.resolve(spec):
+                first = via.setdefault((name, id(fn)), label)
+                if first != label:
+                    raise ValueError(f"the same hook {getattr(fn, '__name__', fn)!r} reaches {name!r} through both "
+                                     f"{first!r} and {label!r}, so it would run twice there; give each function "
+                                     "once per site (e.g. only the glob)")
+                new[name] = new.get(name, ()) + (Registration(fn, exact, label),)
+        token = self._active.set(new)
         try:
-            for name, fn in resolved:
-                self.active.setdefault(name, []).append(fn)
-                added.append((name, fn))
             yield self
         finally:
-            for name, fn in reversed(added):
-                fns = self.active[name]
-                # remove this exact registration (the last identical one: scopes nest LIFO)
-                for i in range(len(fns) - 1, -1, -1):
-                    if fns[i] is fn:
-                        del fns[i]
-                        break
-                if not fns:
-                    del self.active[name]
+            try:
+                self._active.reset(token)
+            except ValueError:  # exited in another context than it was entered: restore by value
+                self._active.set(current)
 
     def clear(self) -> None:
-        """Remove every hook (a last resort; scopes clean up after themselves)."""
-        self.active.clear()
+        """Remove every hook this thread or task sees (a last resort; scopes clean up after themselves)."""
+        self._active.set({})
 
-    # ------------------------------------------------------------------ hot path
-    def fire(self, name: str, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """Run the hooks on ``name`` (if any) and return the possibly replaced tensor."""
-        fns = self.active.get(name)
-        if fns is None:
+    def run(self, positions: torch.Tensor | None = None, offset: int = 0) -> "HookRun":
+        """A :class:`HookRun` for one forward pass, with a snapshot of this context's hooks."""
+        return HookRun(self, positions, offset)
+
+
+class HookRun:
+    """One forward pass's view of the registry: the hooks active where it started, and what
+    hooks are told about positions. ``fire`` is the only method on the hot path."""
+
+    __slots__ = ("registry", "hooks", "positions", "offset", "indices", "length", "checking", "fire")
+
+    def __init__(self, registry: HookRegistry, positions: torch.Tensor | None = None, offset: int = 0):
+        self.registry = registry
+        self.hooks = registry.active
+        self.positions, self.offset = positions, offset
+        self.indices: torch.Tensor | None = None
+        self.length: int | None = None
+        self.checking = registry.check_finite or _CHECKING.get()
+        self.fire: Callable[..., torch.Tensor] = self._fire_checked if self.checking else self._fire
+
+    def site(self, name: str, layer: int | None) -> Site:
+        """The :class:`Site` a hook on ``name`` is given now."""
+        return Site(name, layer, self.positions, self.offset, indices=self.indices, length=self.length,
+                    **self.registry.info.get(name, {}))
+
+    def _fire(self, name: str, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        regs = self.hooks.get(name)
+        if regs is None:
             return x
-        site = Site(name, layer, self.positions, self.offset, indices=self.indices, length=self.length,
-                    **self.info.get(name, {}))
-        for fn in tuple(fns):
-            out = fn(x, site)
+        return self._call(name, x, layer, regs)
+
+    def _fire_checked(self, name: str, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(f"{name} is the first non-finite site: the model computed NaN or inf there "
+                                 "from finite inputs (before any hook on it)")
+        regs = self.hooks.get(name)
+        if regs is None:
+            return x
+        out = self._call(name, x, layer, regs)
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(f"{name} is the first non-finite site: a hook on it returned NaN or inf "
+                                 "(the model's own value there was finite)")
+        return out
+
+    def _call(self, name: str, x: torch.Tensor, layer: int | None, regs: tuple[Registration, ...]) -> torch.Tensor:
+        site = self.site(name, layer)
+        for reg in regs:
+            out = reg.fn(x, site)
             if out is None:
                 continue
             if not isinstance(out, torch.Tensor):
@@ -235,16 +239,12 @@ class HookRegistry:
                 raise HookError(
                     f"hook on {name!r} returned shape {tuple(out.shape)} {out.dtype}, but the site has "
                     f"shape {tuple(x.shape)} {x.dtype}; return a tensor of the same shape and dtype "
-                    "(use .to(x.dtype) / expand_as(x))"
-                )
+                    "(use .to(x.dtype) / expand_as(x))")
             if out.device != x.device:
-                out = out.to(x.device)
+                raise HookError(f"hook on {name!r} returned a tensor on {out.device}, but the site is on "
+                                f"{x.device}; return it on the site's device (.to(x.device))")
             x = out
         return x
-
-    def is_hooked(self, name: str) -> bool:
-        """True when some hook is active on ``name``."""
-        return name in self.active
 
 
 def backward_hook(fn: Callable[[torch.Tensor, Site], Union[torch.Tensor, None]]) -> Hook:
@@ -264,3 +264,35 @@ def backward_hook(fn: Callable[[torch.Tensor, Site], Union[torch.Tensor, None]])
         return None
 
     return hook
+
+
+@contextmanager
+def checking_pass() -> Iterator[None]:
+    """Within the block, every site of every forward in this thread checks for NaN and inf
+    (how analyses find the first non-finite site after a cheap check of their result failed)."""
+    token = _CHECKING.set(True)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
+
+
+@contextmanager
+def partial_run() -> Iterator[None]:
+    """Marks forwards in the block as deliberately partial (an analysis that stops early or
+    steps layer by layer): hooks of enclosing scopes that such a run cannot reach are expected,
+    not an error."""
+    token = _PARTIAL.set(True)
+    try:
+        yield
+    finally:
+        _PARTIAL.reset(token)
+
+
+def in_partial_run() -> bool:
+    """True inside :func:`partial_run`."""
+    return _PARTIAL.get()
+
+
+__all__ = ["Hook", "HookSpec", "HookError", "NonFiniteError", "Site", "Registration", "HookRegistry", "HookRun",
+           "hook_pairs", "backward_hook", "checking_pass", "partial_run", "in_partial_run"]

@@ -1,27 +1,33 @@
 """Interpretability on Gemma 3: one import for a notebook.
 
+``interp.model`` is the model, ``interp.hooks`` the registry; everything a notebook uses is
+re-exported here (the model, caches, interventions, analyses, metrics).
+
 >>> import interp
 >>> interp.Gemma3Config.preset("1b").n_layers
 26
 """
 
-from hooks import ActivationCache, Site
-from model import Gemma3, Gemma3Config
+from .hooks import (ActivationCache, HookSpec, NonFiniteError, Site, add, hook_pairs, mean_ablate, patch,
+                    resample_ablate, zero_ablate)
+from .model import Gemma3, Gemma3Cache, Gemma3Config, Generation
 
 from .attention import (
-    AttentionDistance, HeadScores, InductionLoss, PatternResult, ablate_heads_hooks, attention_distance,
-    attention_patterns, head_scores, induction_loss, repeated_random_tokens,
+    AttentionDistance, HeadScores, InductionLoss, PatternResult, ablate_heads_hooks, all_head_scores,
+    attention_distance, attention_patterns, head_scores, induction_loss, repeated_random_tokens,
 )
+from .attribution import attribution_patch, attribution_patches
 from .dla import DLAResult, direct_logit_attribution
-from .attribution import attribution_patch
 from .lens import LensResult, logit_lens
 from .metrics import Metric, kl, logit_diff, prob
-from .patching import PatchingResult, compare, patch_sweep
+from .patching import Comparison, PatchingResult, compare, patch_sweep, patch_sweeps
 from .sae import JumpReLUSAE, run_with_saes, top_features
+from .tokens import Top
 
 
 def load(src: str = "demo", **kwargs) -> Gemma3:
-    """Load a model: ``"demo"`` (the real Gemma 3 270M from PyPI), a directory, a file or a hub id.
+    """Load a model: ``"demo"`` (the real Gemma 3 270M from PyPI), a directory, a file or a hub id
+    (see :meth:`Gemma3.from_pretrained` for the options).
 
     >>> m = interp.load("demo")  # doctest: +SKIP
     """
@@ -29,10 +35,12 @@ def load(src: str = "demo", **kwargs) -> Gemma3:
 
 
 __all__ = [
-    "load", "Gemma3", "Gemma3Config", "ActivationCache", "Site",
+    "load", "Gemma3", "Gemma3Config", "Gemma3Cache", "Generation", "ActivationCache", "Site", "HookSpec",
+    "NonFiniteError", "hook_pairs", "patch", "zero_ablate", "mean_ablate", "resample_ablate", "add",
     "logit_lens", "LensResult", "direct_logit_attribution", "DLAResult",
-    "attention_patterns", "head_scores", "attention_distance", "induction_loss", "ablate_heads_hooks",
-    "repeated_random_tokens", "PatternResult", "HeadScores", "AttentionDistance", "InductionLoss",
-    "patch_sweep", "attribution_patch", "compare", "PatchingResult", "logit_diff", "prob", "kl", "Metric",
+    "attention_patterns", "head_scores", "all_head_scores", "attention_distance", "induction_loss",
+    "ablate_heads_hooks", "repeated_random_tokens", "PatternResult", "HeadScores", "AttentionDistance",
+    "InductionLoss", "patch_sweep", "patch_sweeps", "attribution_patch", "attribution_patches", "compare",
+    "Comparison", "PatchingResult", "logit_diff", "prob", "kl", "Metric", "Top",
     "JumpReLUSAE", "run_with_saes", "top_features",
 ]

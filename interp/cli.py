@@ -83,7 +83,7 @@ def load_model(src: str, dtype: str = "float32", device: str = "cpu") -> Any:
     """``Gemma3.from_pretrained(src)`` with load failures turned into one-line :class:`CLIError`."""
     import torch
 
-    from model import Gemma3
+    from .model import Gemma3
 
     try:
         return Gemma3.from_pretrained(src, dtype=getattr(torch, dtype), device=device)
@@ -92,10 +92,12 @@ def load_model(src: str, dtype: str = "float32", device: str = "cpu") -> Any:
         raise CLIError(f"cannot load model {src!r}: {msg}") from e
 
 
-def run_lens(args: argparse.Namespace, out=sys.stdout) -> int:
+def run_lens(args: argparse.Namespace, out: Any = sys.stdout) -> int:
     """``python -m interp lens``: the per-layer table, the final top-k, and the HTML plot."""
+    import warnings
+
     from .lens import logit_lens
-    from .plots import escape_token
+    from .plots import escape_text
 
     if args.top < 1:
         raise CLIError("--top must be at least 1")
@@ -103,10 +105,14 @@ def run_lens(args: argparse.Namespace, out=sys.stdout) -> int:
     if model.tokenizer is None:
         raise CLIError(f"model {args.model!r} has no tokenizer (tokenizer.model); cannot encode the prompt")
     try:
-        lens = logit_lens(model, args.prompt, targets=args.target or None, k=args.top)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lens = logit_lens(model, args.prompt, targets=args.target or None, k=args.top)
         col = lens.column(args.position)
     except (ValueError, IndexError) as e:
         raise CLIError(str(e)) from e
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     pos = lens.positions[col]
     shown = " ".join(repr(t) for t in lens.tokens)
     print(f"prompt tokens ({len(lens.tokens)}): {shown}", file=out)
@@ -116,7 +122,7 @@ def run_lens(args: argparse.Namespace, out=sys.stdout) -> int:
     for tok, p in zip(lens.top_tokens[-1][col], lens.top_probs[-1, col]):
         print(f"  {float(p):6.3f}  {tok!r}", file=out)
     if not args.no_html:
-        fig = lens.plot(title=f"Logit lens: {escape_token(args.prompt[:100])}")
+        fig = lens.plot(title=f"Logit lens: {escape_text(args.prompt[:100])}")
         try:
             fig.write_html(args.out, include_plotlyjs=True, full_html=True)
         except OSError as e:
@@ -125,15 +131,10 @@ def run_lens(args: argparse.Namespace, out=sys.stdout) -> int:
     return 0
 
 
-def _shape(model: Any, name: str) -> str:
-    b, s = 1_000_003, 1_000_033  # sentinels, printed as b and s
-    dims = model.site_shape(name, b, s)
-    return "[" + ", ".join({b: "b", s: "s"}.get(d, str(d)) for d in dims) + "]"
-
-
-def run_info(args: argparse.Namespace, out=sys.stdout) -> int:
-    """``python -m interp info``: the configuration and the site names with their shapes."""
-    from model.config import GLOBAL
+def run_info(args: argparse.Namespace, out: Any = sys.stdout) -> int:
+    """``python -m interp info``: the configuration and the site table (names, shapes, what they are)."""
+    from .model.config import GLOBAL
+    from .model.sites import SITES
 
     model = load_model(args.model, args.dtype, args.device)
     cfg = model.cfg
@@ -145,13 +146,12 @@ def run_info(args: argparse.Namespace, out=sys.stdout) -> int:
             print(f"  {key:22} {value}", file=out)
     global_layers = [i for i, t in enumerate(cfg.layer_types) if t == GLOBAL]
     print(f"  {'global layers':22} {global_layers} (others: sliding window of {cfg.window})", file=out)
-    print(f"\nsites ({len(model.site_names())} in all; b = batch, s = sequence):", file=out)
-    print(f"  {'embed':34} {_shape(model, 'embed')}", file=out)
-    kinds = [n.split(".", 2)[2] for n in model.site_names() if n.startswith("blocks.0.")]
-    for kind in kinds:
-        print(f"  {'blocks.{i}.' + kind:34} {_shape(model, f'blocks.0.{kind}')}", file=out)
-    for name in ("final_norm", "logits"):
-        print(f"  {name:34} {_shape(model, name)}", file=out)
+    sizes = {"d": cfg.d_model, "h": cfg.n_heads, "kv": cfg.n_kv_heads, "hd": cfg.d_head, "f": cfg.d_mlp,
+             "v": cfg.vocab_size}
+    print(f"\nsites ({len(model.site_names())} in all; b = batch, s = sequence, k = keys):", file=out)
+    for site in SITES:
+        shape = "[" + ", ".join(str(sizes.get(sym, sym)) for sym in site.shape) + "]"
+        print(f"  {site.name():28} {shape:22} {site.doc}", file=out)
     print(f"\n  i = 0 .. {cfg.n_layers - 1} ({cfg.n_layers} layers)", file=out)
     return 0
 

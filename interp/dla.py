@@ -9,7 +9,7 @@ splits the attention part into heads, and ``post_mlp_norm = sum_n hidden[n] W_do
 splits the MLP part into neurons. Everything is computed in float32.
 
 >>> import torch
->>> from model import Gemma3, Gemma3Config
+>>> from interp.model import Gemma3, Gemma3Config
 >>> m = Gemma3.from_config(Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4,
 ...     n_kv_heads=2, d_head=8, vocab_size=100, window=4))
 >>> dla = direct_logit_attribution(m, torch.tensor([[2, 17, 5, 9]]), target=7, baseline=3)
@@ -29,14 +29,14 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
-from .lens import Target, _single_row, layer_labels, str_tokens, token_id
+from einops import einsum
+
+from .hooks import resolve_position
+from .model import Gemma3
+from .model.finite import check_finite
+from .model.layers import rms_factor
 from .plots import bars, escape_token, heatmap
-
-
-def _rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``rsqrt(mean(x^2) + eps)`` of the last axis, in float32 (RMSNorm's data-dependent scale)."""
-    xf = x.float()
-    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+from .tokens import Target, Top, layer_labels, single_prompt, str_tokens, token_id, top_entries
 
 
 @dataclass
@@ -87,18 +87,23 @@ class DLAResult:
         """``(part label, contribution)`` for every part, in residual order."""
         return [(label, float(v)) for label, v in zip(self.labels, self.values)]
 
-    def top_neurons(self, k: int | None = None, layer: int | None = None) -> list[tuple[int, int, float]]:
-        """The ``k`` (default ``n_top``) neurons with the largest ``|contribution|``, overall or
-        within ``layer``: ``(layer, neuron, contribution)``, largest first."""
+    def top(self, k: int | None = None) -> list[Top]:
+        """The ``k`` (default ``n_top``) parts (embed, each layer's attn and mlp) with the largest
+        ``|contribution|``, largest first."""
+        return top_entries(self.values, self.n_top if k is None else k, lambda i: self.labels[i[0]])
+
+    def top_heads(self, k: int | None = None) -> list[Top]:
+        """The ``k`` heads with the largest ``|contribution|``: index ``(layer, head)``."""
+        return top_entries(self.heads, self.n_top if k is None else k, lambda i: f"L{i[0]}H{i[1]}")
+
+    def top_neurons(self, k: int | None = None, layer: int | None = None) -> list[Top]:
+        """The ``k`` neurons with the largest ``|contribution|``, overall or within ``layer``:
+        index ``(layer, neuron)``, largest first."""
         k = self.n_top if k is None else k
-        if layer is not None:
-            vals = self.neurons[layer]
-            idx = vals.abs().topk(min(k, vals.numel())).indices
-            return [(layer, int(n), float(vals[n])) for n in idx]
-        flat = self.neurons.flatten()
-        idx = flat.abs().topk(min(k, flat.numel())).indices
-        d_mlp = self.neurons.shape[1]
-        return [(int(i) // d_mlp, int(i) % d_mlp, float(flat[i])) for i in idx]
+        if layer is None:
+            return top_entries(self.neurons, k, lambda i: f"L{i[0]} N{i[1]}")
+        return [Top((layer, t.index[0]), t.value, f"L{layer} N{t.index[0]}")
+                for t in top_entries(self.neurons[layer], k, str)]
 
     def _where(self) -> str:
         return f"at position {self.position} ({escape_token(self.tokens[self.position])})"
@@ -121,12 +126,12 @@ class DLAResult:
     def plot_neurons(self, k: int | None = None, layer: int | None = None, title: str | None = None) -> go.Figure:
         """Bars of the top ``k`` neurons by ``|contribution|`` (overall, or within ``layer``)."""
         top = self.top_neurons(k, layer)
-        return bars([v for _, _, v in top], [f"L{l} N{n}" for l, n, _ in top], y_title="contribution (logits)",
+        return bars([t.value for t in top], [t.label for t in top], y_title="contribution (logits)",
                     title=title or f"Top neurons' direct contributions to {self._metric_html()} {self._where()}")
 
 
 @torch.no_grad()
-def direct_logit_attribution(model: Any, prompt: Any, target: Target, baseline: Target | None = None,
+def direct_logit_attribution(model: Gemma3, prompt: Any, target: Target, baseline: Target | None = None,
                              position: int = -1, top_neurons: int = 10) -> DLAResult:
     """Split the logit of ``target`` (or ``logit(target) - logit(baseline)``) at ``position``
     into embedding, per-layer attention and MLP parts, per-head and per-neuron parts.
@@ -141,11 +146,8 @@ def direct_logit_attribution(model: Any, prompt: Any, target: Target, baseline: 
     >>> dla.plot(); dla.plot_heads(); dla.plot_neurons()  # doctest: +SKIP
     """
     cfg = model.cfg
-    ids = _single_row(model, prompt)
-    seq = ids.shape[1]
-    if not isinstance(position, int) or not -seq <= position < seq:
-        raise IndexError(f"position {position!r} is outside a prompt of {seq} tokens")
-    pos = position % seq
+    ids = single_prompt(model, prompt)
+    pos = resolve_position(position, ids.shape[1])
     t_id = token_id(model, target)
     b_id = token_id(model, baseline) if baseline is not None else None
 
@@ -154,6 +156,8 @@ def direct_logit_attribution(model: Any, prompt: Any, target: Target, baseline: 
         f"blocks.*.{s}" for s in ("attn.z", "attn.out", "post_attn_norm", "mlp.hidden", "mlp.out", "post_mlp_norm")]
     logits, cache = model.run_with_cache(ids, names=names, positions=[pos], logits_at=[pos])
     row = logits[0, -1].float()
+    check_finite(row, "direct_logit_attribution: the logits",
+                 lambda: model.run_with_cache(ids, names=names, positions=[pos], logits_at=[pos]))
     actual = float(row[t_id] - row[b_id]) if b_id is not None else float(row[t_id])
 
     def at(name: str) -> torch.Tensor:  # [d] or [h, hd] or [f], float32, at the position
@@ -161,16 +165,16 @@ def direct_logit_attribution(model: Any, prompt: Any, target: Target, baseline: 
 
     w_u = model.embed.weight
     direction = w_u[t_id].float() - (w_u[b_id].float() if b_id is not None else 0.0)
-    u = direction * (1.0 + model.final_norm.weight.float()) * _rms_factor(at(f"blocks.{last}.resid_post"), cfg.eps)
+    u = direction * (1.0 + model.final_norm.weight.float()) * rms_factor(at(f"blocks.{last}.resid_post"), cfg.eps)
 
     values = [u @ at("embed")]
     heads, neurons = [], []
     for i, block in enumerate(model.blocks):
         values += [u @ at(f"blocks.{i}.post_attn_norm"), u @ at(f"blocks.{i}.post_mlp_norm")]
-        u_attn = u * (1.0 + block.post_attn_norm.weight.float()) * _rms_factor(at(f"blocks.{i}.attn.out"), cfg.eps)
-        w_o = block.attn.o_proj.weight.float().view(cfg.d_model, cfg.n_heads, cfg.d_head)  # [d, h, hd]
-        heads.append(torch.einsum("d,dhe,he->h", u_attn, w_o, at(f"blocks.{i}.attn.z")))
-        u_mlp = u * (1.0 + block.post_mlp_norm.weight.float()) * _rms_factor(at(f"blocks.{i}.mlp.out"), cfg.eps)
+        u_attn = u * (1.0 + block.post_attn_norm.weight.float()) * rms_factor(at(f"blocks.{i}.attn.out"), cfg.eps)
+        w_o = block.attn.o_proj.weight.float().view(cfg.d_model, cfg.n_heads, cfg.d_head)
+        heads.append(einsum(u_attn, w_o, at(f"blocks.{i}.attn.z"), "d, d h e, h e -> h"))
+        u_mlp = u * (1.0 + block.post_mlp_norm.weight.float()) * rms_factor(at(f"blocks.{i}.mlp.out"), cfg.eps)
         neurons.append((u_mlp @ block.mlp.down_proj.weight.float()) * at(f"blocks.{i}.mlp.hidden"))
 
     labels = ["embed"] + [f"L{i} {part}" for i in range(cfg.n_layers) for part in ("attn", "mlp")]

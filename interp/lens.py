@@ -5,7 +5,7 @@ after layer ``i``. Each row goes through ``model.final_norm`` and the tied unemb
 as the model's last layer does, so the final row *is* the model's output distribution.
 
 >>> import torch
->>> from model import Gemma3, Gemma3Config
+>>> from interp.model import Gemma3, Gemma3Config
 >>> m = Gemma3.from_config(Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4,
 ...     n_kv_heads=2, d_head=8, vocab_size=100, window=4))
 >>> lens = logit_lens(m, torch.tensor([[2, 17, 5, 9]]), targets=[5], k=3)
@@ -23,82 +23,18 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import plotly.graph_objects as go
 import torch
 
-from .plots import escape_token, heatmap, line, str_tokens
+from .hooks import partial_run, resolve_position, sorted_positions
+from .model.finite import check_finite
+from .model.runs import available_memory
+from .plots import escape_token, heatmap, line
+from .tokens import Target, layer_labels, single_prompt, str_tokens, token_ids
 
-Target = Union[str, int]
-_CHUNK_ELEMENTS = 1 << 25  # logits unembedded at once (128 MiB of float32)
-
-
-# ---------------------------------------------------------------------- token helpers
-def token_id(model: Any, target: Target) -> int:
-    """One token id for ``target``: an int is checked against the vocabulary; a string is
-    encoded (without BOS) and its *first* token taken, so ``" Paris"`` means the token
-    ``▁Paris``. A string that encodes to several tokens uses the first of them.
-
-    >>> from model import Gemma3, Gemma3Config
-    >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
-    ...     n_kv_heads=1, d_head=8, vocab_size=9))
-    >>> token_id(m, 4)
-    4
-    """
-    vocab = model.cfg.vocab_size
-    if isinstance(target, torch.Tensor):
-        target = int(target)
-    if isinstance(target, bool) or not isinstance(target, (int, str)):
-        raise TypeError(f"a target is a token string or a token id, got {type(target).__name__}")
-    if isinstance(target, int):
-        if not 0 <= target < vocab:
-            raise ValueError(f"target id {target} is outside the vocabulary [0, {vocab})")
-        return target
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise ValueError(f"target {target!r} is a string but the model has no tokenizer; pass a token id")
-    ids = list(tok.encode(target))
-    if ids and ids[0] == model.cfg.bos_token_id:
-        ids = ids[1:]
-    if not ids:
-        raise ValueError(f"target {target!r} encodes to no token")
-    return int(ids[0])
-
-
-def layer_labels(cfg: Any) -> list[str]:
-    """Row labels of a lens: ``embed``, then ``L{i}`` per layer, global-attention layers
-    marked ``L{i} (global)`` (the others use the sliding window).
-
-    >>> from model import Gemma3Config
-    >>> layer_labels(Gemma3Config(n_layers=6, d_model=8, d_mlp=8, n_heads=1, n_kv_heads=1, d_head=8, vocab_size=9))
-    ['embed', 'L0', 'L1', 'L2', 'L3', 'L4', 'L5 (global)']
-    """
-    return ["embed"] + [f"L{i}" + (" (global)" if cfg.is_global(i) else "") for i in range(cfg.n_layers)]
-
-
-def _single_row(model: Any, prompt: Any) -> torch.Tensor:
-    ids, mask = model.to_tokens(prompt)
-    if ids.shape[0] != 1:
-        raise ValueError(f"pass one prompt (got a batch of {ids.shape[0]}); run the analysis once per prompt")
-    return ids
-
-
-def _positions(positions: Any, seq: int) -> list[int]:
-    """Absolute, sorted, de-duplicated sequence indices from an int, list, range or slice."""
-    if positions is None:
-        return list(range(seq))
-    if isinstance(positions, slice):
-        out = list(range(seq))[positions]
-    else:
-        raw = [positions] if isinstance(positions, int) else [int(p) for p in positions]
-        for p in raw:
-            if not -seq <= p < seq:
-                raise IndexError(f"position {p} is outside a prompt of {seq} tokens")
-        out = [p % seq for p in raw]
-    if not out:
-        raise ValueError("positions selects no token")
-    return sorted(set(out))
+LOGITS_BUDGET = 1 << 30  # bytes of float32 logits unembedded in one matmul (less when memory is short)
 
 
 # ---------------------------------------------------------------------- result
@@ -130,10 +66,7 @@ class LensResult:
 
     def column(self, position: int = -1) -> int:
         """The column of sequence ``position`` (negative counts from the prompt's end)."""
-        n = len(self.tokens)
-        if not -n <= position < n:
-            raise IndexError(f"position {position} is outside a prompt of {n} tokens")
-        p = position % n
+        p = resolve_position(position, len(self.tokens))
         if p not in self.positions:
             raise IndexError(f"position {p} was not read by this lens (positions={self.positions}); "
                              "rerun logit_lens with it in positions=")
@@ -157,8 +90,7 @@ class LensResult:
             for j in range(len(self.targets)):
                 row += (f"{float(self.target_probs[r, c, j]):.3f}", str(int(self.target_ranks[r, c, j])))
             rows.append(row)
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+        return aligned(rows)
 
     def plot(self, title: str | None = None) -> go.Figure:
         """Heatmap ``stages x positions`` of the top-1 probability, the top token written in each
@@ -200,58 +132,100 @@ class LensResult:
         return fig
 
 
+def display_width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: East Asian wide and full-width characters take two,
+    combining marks none.
+
+    >>> display_width("abc"), display_width("東京"), display_width("é")
+    (3, 4, 1)
+    """
+    import unicodedata
+
+    width = 0
+    for ch in text:
+        if unicodedata.combining(ch):
+            continue
+        width += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return width
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as text columns aligned by display width (CJK text lines up).
+
+    >>> print(aligned([("a", "b"), ("東京", "c")]))
+    a     b
+    東京  c
+    """
+    widths = [max(display_width(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell + " " * (w - display_width(cell)) for cell, w in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
 # ---------------------------------------------------------------------- the lens
 @torch.no_grad()
 def logit_lens(model: Any, prompt: Any, targets: Sequence[Target] | Target | None = None,
                positions: Any = None, k: int = 5) -> LensResult:
     """Logit lens of one prompt (text or token ids) over every layer.
 
-    ``positions`` (an int, a list, a slice; default all) limits which sequence positions are
-    read, cached and unembedded. ``targets`` are token strings (the first token of each
-    string's encoding, without BOS) or ids; their probability and rank (1 = top) are kept
-    for every stage and position. ``k`` top tokens are kept per cell.
+    ``positions`` (by the rule of :mod:`interp.hooks.positions`; default all) limits which
+    sequence positions are read, cached and unembedded. ``targets`` are token strings (one token
+    each, without BOS; see :func:`interp.tokens.token_id`) or ids; their probability and rank
+    (1 = top) are kept for every stage and position. ``k`` top tokens are kept per cell.
 
-    Memory: positions are unembedded in chunks of at most 2**25 float32 logits.
+    Every stage and position goes through ``model.unembed`` in one matmul (split only when the
+    logits would exceed 1 GiB or a quarter of the free memory). The lens reads the residual
+    through the model's own final norm and unembedding, so hooks on ``final_norm`` or ``logits``
+    are refused (they would reach only the last stage); hooks elsewhere apply.
 
     >>> lens = logit_lens(model, "The capital of France is", targets=[" Paris"])  # doctest: +SKIP
     >>> print(lens.format_table())  # doctest: +SKIP
     >>> lens.plot()  # doctest: +SKIP
     """
-    ids = _single_row(model, prompt)
+    for name in ("final_norm", "logits"):
+        if model.registry.is_hooked(name):
+            raise ValueError(f"a hook is active on {name!r}, but the logit lens reads every stage through the model's "
+                             "own final norm and unembedding (the hook would apply to the last stage only); "
+                             "remove it, or hook the residual stream instead")
+    ids = single_prompt(model, prompt)
     seq = ids.shape[1]
-    cols = _positions(positions, seq)
-    if isinstance(targets, (str, int)):
-        targets = [targets]
-    target_ids = [token_id(model, t) for t in (targets or [])]
+    cols = sorted_positions(positions, seq)
+    target_ids = token_ids(model, targets)
     k = max(1, min(int(k), model.cfg.vocab_size))
 
-    _, cache = model.run_with_cache(ids, names=["blocks.0.resid_pre", "blocks.*.resid_post"], positions=cols,
-                                    stop_at_layer=model.cfg.n_layers)  # the residuals only: no logits
+    names = ["blocks.0.resid_pre", "blocks.*.resid_post"]
+    with partial_run():
+        _, cache = model.run_with_cache(ids, names=names, positions=cols, stop_at_layer=model.cfg.n_layers)
     resid, _ = cache.accumulated_resid()  # [stages, 1, cols, d]
-    w_u = model.embed.weight
-    tid = torch.tensor(target_ids, dtype=torch.long, device=w_u.device)
-    chunk = max(1, _CHUNK_ELEMENTS // model.cfg.vocab_size)
-    top_ids, top_probs, t_probs, t_ranks = [], [], [], []
-    for stage in resid[:, 0]:  # [cols, d]
-        for part in stage.split(chunk):
-            logits = torch.nn.functional.linear(model.final_norm(part), w_u).float()  # [chunk, vocab]
-            logp = logits.log_softmax(-1)
-            values, idx = logp.topk(k, dim=-1)
-            top_ids.append(idx)
-            top_probs.append(values.exp())
-            if target_ids:
-                t_probs.append(logp[:, tid].exp())
-                t_ranks.append(torch.stack([(logits > logits[:, j:j + 1]).sum(-1) + 1 for j in tid.tolist()], -1))
     stages = resid.shape[0]
+    flat = resid[:, 0].reshape(stages * len(cols), -1)
+
+    def rerun() -> None:
+        model.run_with_cache(ids, names=names, positions=cols, stop_at_layer=model.cfg.n_layers)
+
+    check_finite(flat, "logit_lens: the residual stream", rerun)
+    vocab = model.cfg.vocab_size
+    free = available_memory(model.device) or LOGITS_BUDGET * 4
+    rows_per_chunk = max(1, min(LOGITS_BUDGET, free // 4) // (vocab * (8 + len(target_ids))))
+    tid = torch.tensor(target_ids, dtype=torch.long, device=model.device)
+    top_ids, top_probs, t_probs, t_ranks = [], [], [], []
+    for part in flat.split(rows_per_chunk):
+        logits = model.unembed(part).float()  # [rows, vocab]
+        logp = logits.log_softmax(-1)
+        values, idx = logp.topk(k, dim=-1)
+        top_ids.append(idx)
+        top_probs.append(values.exp())
+        if target_ids:
+            t_probs.append(logp[:, tid].exp())
+            t_ranks.append((logits[:, None, :] > logits[:, tid][..., None]).sum(-1) + 1)
 
     def gather(parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(parts).view(stages, len(cols), -1).cpu()
 
     top_ids_t = gather(top_ids)
-    flat = str_tokens(model, top_ids_t.flatten().tolist())
+    texts = str_tokens(model, top_ids_t.flatten().tolist())
     n_cols = len(cols)
-    top_tokens = [[flat[(r * n_cols + c) * k:(r * n_cols + c + 1) * k] for c in range(n_cols)]
-                  for r in range(top_ids_t.shape[0])]
+    top_tokens = [[texts[(r * n_cols + c) * k:(r * n_cols + c + 1) * k] for c in range(n_cols)]
+                  for r in range(stages)]
     return LensResult(
         tokens=str_tokens(model, ids[0]),
         positions=cols,
@@ -265,3 +239,6 @@ def logit_lens(model: Any, prompt: Any, targets: Sequence[Target] | Target | Non
         target_probs=gather(t_probs) if target_ids else None,
         target_ranks=gather(t_ranks) if target_ids else None,
     )
+
+
+__all__ = ["logit_lens", "LensResult", "aligned", "display_width"]

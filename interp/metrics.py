@@ -7,6 +7,10 @@ columns of the unembedding. It evaluates a whole batch of patched runs at once. 
 logits ``[batch, seq, vocab]``; sweeps call :meth:`Metric.from_selected` on logits of its
 positions only ``[batch, k, vocab]`` (or ``[batch, k, len(token_ids)]``).
 
+Targets may be given as text (``logit_diff(" Paris", " Rome")``): an analysis binds the metric
+to its model (:meth:`Metric.bind`), which turns them into token ids and names the metric by its
+tokens (``logit_diff(' Paris', ' Rome')``, as plot titles show it). Ids work without a model.
+
 >>> import torch
 >>> logits = torch.zeros(2, 3, 5); logits[:, -1, 4] = 2.0
 >>> logit_diff(4, 1)(logits)
@@ -17,14 +21,20 @@ tensor([2., 2.])
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
+from .hooks import resolve_positions
+from .tokens import Target, str_tokens, token_id
+
 Positions = Union[int, Sequence[int]]
+Factory = Callable[[tuple[int, ...]], Callable[[torch.Tensor], torch.Tensor]]
 
 
 def _positions(position: Positions) -> tuple[int, ...]:
+    if isinstance(position, bool):
+        raise TypeError("a metric's position is an int or a list of ints, not a bool")
     out = (position,) if isinstance(position, int) else tuple(int(p) for p in position)
     if not out:
         raise ValueError("a metric needs at least one position")
@@ -39,17 +49,62 @@ class Metric:
     entries ``fn`` reads: it then gets ``[batch, k, len(token_ids)]``, in that order (and a sweep
     computes only those logits). Values are computed in float32.
 
+    A metric built from text targets (``targets`` plus a ``factory`` that makes ``fn`` from
+    their ids) must be bound to a model before it is called: :meth:`bind`.
+
     >>> m = Metric(lambda l: l[:, 0, 1] - l[:, 1, 1], positions=[0, -1], name="drift")
     >>> m(torch.arange(6.0).view(1, 3, 2))
     tensor([-4.])
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], positions: Positions | None = (-1,),
-                 name: str = "metric", token_ids: Sequence[int] | None = None):
-        self.fn = fn
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor] | None, positions: Positions | None = (-1,),
+                 name: str = "metric", token_ids: Sequence[int] | None = None, *,
+                 targets: Sequence[Target] = (), factory: Factory | None = None, reads_targets: bool = False):
         self.positions = None if positions is None else _positions(positions)
         self.name = name
+        self.targets = tuple(targets)
+        self.factory = factory
+        self.reads_targets = reads_targets  # fn reads only the targets' logits (they become token_ids)
+        self.fn = fn
         self.token_ids = None if token_ids is None else tuple(int(t) for t in token_ids)
+        if fn is None:
+            if factory is None:
+                raise TypeError("a Metric needs fn, or targets and a factory")
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in self.targets):
+                self._set_ids(tuple(int(t) for t in self.targets))  # type: ignore[arg-type]
+
+    def _set_ids(self, ids: tuple[int, ...]) -> None:
+        assert self.factory is not None
+        self.fn = self.factory(ids)
+        if self.reads_targets:
+            self.token_ids = ids
+
+    @property
+    def bound(self) -> bool:
+        """True when the metric can be called (its text targets, if any, are token ids)."""
+        return self.fn is not None
+
+    def bind(self, model: Any) -> "Metric":
+        """This metric with text targets turned into ``model``'s token ids and its name written
+        with the tokens (a metric of ids is renamed the same way).
+
+        >>> logit_diff(3, 4).bind(None).name
+        "logit_diff('3', '4')"
+        """
+        if self.factory is None or not self.targets:
+            return self
+        ids = tuple(token_id(model, t) if isinstance(t, str) else int(t) for t in self.targets)
+        base = self.name.split("(", 1)[0]
+        shown = ", ".join(repr(t) for t in str_tokens(model, ids))
+        out = Metric(None, self.positions, f"{base}({shown})", targets=ids, factory=self.factory,
+                     reads_targets=self.reads_targets)
+        return out
+
+    def _fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.fn is None:
+            raise ValueError(f"metric {self.name} has text targets {self.targets}; bind it to a model first: "
+                             "metric.bind(model) (analyses do this for you)")
+        return self.fn
 
     def resolve(self, seq: int) -> list[int]:
         """The absolute sequence indices this metric reads in a sequence of ``seq`` tokens, sorted.
@@ -59,17 +114,15 @@ class Metric:
         """
         if self.positions is None:
             return list(range(seq))
-        out = []
-        for p in self.positions:
-            q = p + seq if p < 0 else p
-            if not 0 <= q < seq:
-                raise ValueError(f"metric {self.name!r} reads position {p}, outside a sequence of {seq} tokens")
-            out.append(q)
-        return sorted(set(out))
+        try:
+            return sorted(set(resolve_positions(list(self.positions), seq).tolist()))
+        except IndexError as e:
+            raise IndexError(f"metric {self.name}: {e}") from None
 
     def from_selected(self, logits: torch.Tensor, seq: int, vocab_selected: bool = False) -> torch.Tensor:
         """Values ``[batch]`` from logits at ``self.resolve(seq)`` only (``[batch, k, vocab]``, that
         order; ``vocab_selected``: ``[batch, k, len(token_ids)]``, only the metric's vocabulary entries)."""
+        fn = self._fn()
         if self.token_ids is not None and not vocab_selected:
             logits = logits[..., list(self.token_ids)]
         needed = self.resolve(seq)
@@ -78,17 +131,18 @@ class Metric:
             order = [where[p + seq if p < 0 else p] for p in self.positions]
             if order != list(range(len(needed))):
                 logits = logits[:, order]
-        return _rows(self.fn(logits.float()), logits.shape[0], self.name)
+        return _rows(fn(logits.float()), logits.shape[0], self.name)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """Values ``[batch]`` from full logits ``[batch, seq, vocab]``."""
+        fn = self._fn()
         if logits.dim() == 2:
             logits = logits[None]
         if self.token_ids is not None:
             logits = logits[..., list(self.token_ids)]
         if self.positions is None:
-            return _rows(self.fn(logits.float()), logits.shape[0], self.name)
-        return _rows(self.fn(logits[:, list(self.positions)].float()), logits.shape[0], self.name)
+            return _rows(fn(logits.float()), logits.shape[0], self.name)
+        return _rows(fn(logits[:, list(self.positions)].float()), logits.shape[0], self.name)
 
     def __repr__(self) -> str:
         return f"Metric({self.name}, positions={self.positions})"
@@ -106,35 +160,43 @@ def _rows(value: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     return value
 
 
-def as_metric(metric: Metric | Callable[[torch.Tensor], torch.Tensor]) -> Metric:
-    """A :class:`Metric` as is; a plain ``fn(full logits [batch, seq, vocab]) -> [batch]`` wrapped
-    to read every position (correct, but logits are then computed everywhere)."""
+def as_metric(metric: Metric | Callable[[torch.Tensor], torch.Tensor], model: Any = None) -> Metric:
+    """A :class:`Metric` (bound to ``model`` when given); a plain ``fn(full logits [batch, seq,
+    vocab]) -> [batch]`` is wrapped to read every position (correct, but logits are then
+    computed everywhere)."""
     if isinstance(metric, Metric):
-        return metric
+        return metric.bind(model) if model is not None else metric
     if not callable(metric):
         raise TypeError(f"a metric is a Metric or a callable on logits, got {type(metric).__name__}")
     return Metric(metric, positions=None, name=getattr(metric, "__name__", "metric"))
 
 
-def logit_diff(correct_id: int, wrong_id: int, position: Positions = -1) -> Metric:
-    """``logit[correct] - logit[wrong]`` at ``position`` (averaged over positions if several).
+def logit_diff(correct: Target, wrong: Target, position: Positions = -1) -> Metric:
+    """``logit[correct] - logit[wrong]`` at ``position`` (averaged over positions if several);
+    targets are token ids or text (``" Paris"``).
 
     >>> l = torch.zeros(1, 2, 4); l[0, 1, 2] = 3.0
     >>> logit_diff(2, 0)(l)
     tensor([3.])
     """
-    c, w = int(correct_id), int(wrong_id)
-    return Metric(lambda l: (l[..., 0] - l[..., 1]).mean(-1), position, f"logit_diff({c}, {w})", token_ids=(c, w))
+    def factory(ids: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda l: (l[..., 0] - l[..., 1]).mean(-1)
+
+    return Metric(None, position, f"logit_diff({correct!r}, {wrong!r})", targets=(correct, wrong), factory=factory,
+                  reads_targets=True)
 
 
-def prob(token_id: int, position: Positions = -1) -> Metric:
-    """Probability of ``token_id`` at ``position`` (averaged over positions if several).
+def prob(target: Target, position: Positions = -1) -> Metric:
+    """Probability of ``target`` (a token id or text) at ``position`` (averaged over positions if several).
 
     >>> prob(0)(torch.zeros(1, 1, 4))
     tensor([0.2500])
     """
-    t = int(token_id)
-    return Metric(lambda l: l.softmax(-1)[..., t].mean(-1), position, f"prob({t})")
+    def factory(ids: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+        t = ids[0]
+        return lambda l: l.softmax(-1)[..., t].mean(-1)
+
+    return Metric(None, position, f"prob({target!r})", targets=(target,), factory=factory)
 
 
 def kl(reference_logits: torch.Tensor, position: Positions = -1) -> Metric:

@@ -1,7 +1,9 @@
 """Small plotly helpers shared by every analysis: escaped token labels and labelled heatmaps.
 
 Token text is untrusted (a model can emit ``<script>``): every label and hover text goes
-through :func:`escape_token` before it reaches a figure.
+through :func:`escape_token` before it reaches a figure. Plotly renders labels as a small
+HTML subset, so ``<``, ``>`` and ``&`` must be escaped; quotes must not be (plotly does not
+decode ``&quot;`` and would show it literally; a test reads the rendered text in Chromium).
 
 >>> escape_token("<b>\\n")
 '&lt;b&gt;↵'
@@ -10,7 +12,7 @@ through :func:`escape_token` before it reaches a figure.
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -20,10 +22,10 @@ import torch
 def escape_token(text: str) -> str:
     """HTML-escape a token and make whitespace visible (newline ↵, tab ⇥, leading/trailing space ·).
 
-    >>> escape_token(" Paris")
-    '·Paris'
+    >>> escape_token(" Paris"), escape_token('say "hi"')
+    ('·Paris', 'say "hi"')
     """
-    text = html.escape(text, quote=True).replace("\n", "↵").replace("\t", "⇥").replace("\r", "⏎")
+    text = html.escape(text, quote=False).replace("\n", "↵").replace("\t", "⇥").replace("\r", "⏎")
     if text.startswith(" "):
         text = "·" + text[1:]
     if text.endswith(" ") and len(text) > 1:
@@ -31,39 +33,27 @@ def escape_token(text: str) -> str:
     return text if text else "∅"
 
 
+def escape_text(text: str) -> str:
+    """HTML-escape free text (a title holding token strings) for a figure: ``<``, ``>``, ``&`` only.
+
+    >>> escape_text("logit_diff('<b>', ' x')")
+    "logit_diff('&lt;b&gt;', ' x')"
+    """
+    return html.escape(text, quote=False)
+
+
 def escape_tokens(tokens: Sequence[str]) -> list[str]:
     """:func:`escape_token` on each token."""
     return [escape_token(t) for t in tokens]
 
 
-def str_tokens(model, ids) -> list[str]:
-    """The text of each token id (not yet escaped): the model's tokenizer ``to_str_tokens``,
-    else ``decode`` per id, else the ids as strings (a model without a tokenizer).
-
-    >>> str_tokens(None, [2, 5])
-    ['2', '5']
-    """
-    ids = [int(i) for i in (ids.flatten().tolist() if isinstance(ids, torch.Tensor) else ids)]
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None and hasattr(tok, "to_str_tokens"):
-        try:
-            out = list(tok.to_str_tokens(ids))
-            if len(out) == len(ids):
-                return [str(t) for t in out]
-        except (TypeError, ValueError, AttributeError):
-            pass
-    if tok is not None and hasattr(tok, "decode"):
-        return [str(tok.decode([i])) for i in ids]
-    return [str(i) for i in ids]
-
-
-def _array(z) -> np.ndarray:
+def _array(z: Any) -> np.ndarray:
     if isinstance(z, torch.Tensor):
         z = z.detach().float().cpu().numpy()
     return np.asarray(z, dtype=float)
 
 
-def heatmap(z, x_labels: Sequence[str] | None = None, y_labels: Sequence[str] | None = None, *,
+def heatmap(z: Any, x_labels: Sequence[str] | None = None, y_labels: Sequence[str] | None = None, *,
             title: str = "", x_title: str = "", y_title: str = "", text: Sequence[Sequence[str]] | None = None,
             hover: Sequence[Sequence[str]] | None = None, zmid: float | None = None,
             colorscale: str = "RdBu", reverse_y: bool = True, colorbar_title: str = "") -> go.Figure:
@@ -119,7 +109,7 @@ def line(ys: dict[str, Sequence[float]], x: Sequence | None = None, *, title: st
     return fig
 
 
-def bars(values, labels: Sequence[str], *, title: str = "", y_title: str = "") -> go.Figure:
+def bars(values: Any, labels: Sequence[str], *, title: str = "", y_title: str = "") -> go.Figure:
     """A bar chart of ``values`` with escaped ``labels``.
 
     >>> len(bars([1.0, -2.0], ["embed", "blocks.0.attn"]).data[0].x)

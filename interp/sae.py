@@ -9,7 +9,7 @@ reconstruction error back, so the output is unchanged but gradients and interven
 through the features).
 
 >>> import torch
->>> from model import Gemma3, Gemma3Config
+>>> from interp.model import Gemma3, Gemma3Config
 >>> m = Gemma3.from_config(Gemma3Config(n_layers=2, d_model=16, d_mlp=32, n_heads=2,
 ...     n_kv_heads=1, d_head=8, vocab_size=50))
 >>> sae = JumpReLUSAE.random(d_in=16, d_sae=64, site="blocks.1.resid_post", seed=0)
@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from .hooks import ActivationCache, Site
+from .model import Gemma3
+from .tokens import Top
 
 _KEYS = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
 
@@ -148,10 +152,10 @@ def _site_from_config(path: Path) -> str | None:
     return None
 
 
-def run_with_saes(model, x, saes: Sequence[JumpReLUSAE], *, splice: bool = False, keep_error: bool = False,
-                  **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run ``model`` with ``saes`` reading their sites; return ``(logits, feature activations
-    by canonical site name)``.
+def run_with_saes(model: Gemma3, prompt: Any, saes: Sequence[JumpReLUSAE], *, splice: bool = False,
+                  keep_error: bool = False, **kwargs: Any) -> tuple[torch.Tensor, ActivationCache]:
+    """Run ``model`` with ``saes`` reading their sites; return ``(logits, feature activations)``,
+    the activations an :class:`~interp.hooks.ActivationCache` by canonical site name.
 
     With ``splice=True`` each site is replaced by its SAE's reconstruction (the model then runs
     on what the SAE understood); ``keep_error=True`` adds the reconstruction error back, so the
@@ -166,12 +170,13 @@ def run_with_saes(model, x, saes: Sequence[JumpReLUSAE], *, splice: bool = False
         if len(names) != 1:
             raise ValueError(f"an SAE reads one site; {sae.site!r} matches {len(names)}")
         pairs.append((names[0], _sae_hook(sae, feats, splice, keep_error)))
-    logits = model.run_with_hooks(x, pairs, **kwargs)
-    return logits, feats
+    logits = model.run_with_hooks(prompt, pairs, **kwargs)
+    return logits, ActivationCache(feats, layer_format=model.registry.names.layer_format)
 
 
-def _sae_hook(sae: JumpReLUSAE, feats: dict[str, torch.Tensor], splice: bool, keep_error: bool):
-    def hook(x: torch.Tensor, site) -> torch.Tensor | None:
+def _sae_hook(sae: JumpReLUSAE, feats: dict[str, torch.Tensor], splice: bool,
+              keep_error: bool) -> Callable[[torch.Tensor, Site], torch.Tensor | None]:
+    def hook(x: torch.Tensor, site: Site) -> torch.Tensor | None:
         flat = x
         if x.shape[-1] != sae.d_in and site.head_axis == x.dim() - 2 and x.shape[-2] * x.shape[-1] == sae.d_in:
             flat = x.flatten(-2)  # heads x head_dim, as Hugging Face's o_proj input: [b, s, h * hd]
@@ -189,11 +194,11 @@ def _sae_hook(sae: JumpReLUSAE, feats: dict[str, torch.Tensor], splice: bool, ke
     return hook
 
 
-def top_features(acts: torch.Tensor, k: int = 10, position: int = -1, row: int = 0) -> list[tuple[int, float]]:
-    """The ``k`` most active features at one position: ``[(feature, activation)]``.
+def top_features(acts: torch.Tensor, k: int = 10, position: int = -1, row: int = 0) -> list[Top]:
+    """The ``k`` most active features at one position (only those that fire), largest first.
 
-    >>> top_features(torch.tensor([[[0.0, 3.0, 1.0]]]), k=2)
-    [(1, 3.0), (2, 1.0)]
+    >>> [(t.index, t.value) for t in top_features(torch.tensor([[[0.0, 3.0, 1.0]]]), k=2)]
+    [((1,), 3.0), ((2,), 1.0)]
     """
-    values, idx = acts[row, position].float().topk(k)
-    return [(int(i), float(v)) for i, v in zip(idx, values) if v > 0]
+    values, idx = acts[row, position].float().topk(min(k, acts.shape[-1]))
+    return [Top((int(i),), float(v), f"F{int(i)}") for i, v in zip(idx, values) if v > 0]

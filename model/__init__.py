@@ -1,13 +1,21 @@
 """The Gemma 3 text model, rewritten so every intermediate has a public name.
 
->>> from model import Gemma3, Gemma3Config
+Installed as ``interp.model``.
+
+>>> from interp.model import Gemma3, Gemma3Config
 """
 
+from .cache import Gemma3Cache
+from .checkpoint import CheckpointError
 from .config import ConfigError, Gemma3Config
-from .gemma3 import CacheTooLargeError, Gemma3, InputError, hf_aliases, site_names
-from .layers import KVPrefix
+from .context import KVPrefix
+from .gemma3 import Gemma3, UnreachableSiteError
+from .generate import Generation
+from .inputs import InputError, Prompt
+from .runs import CacheTooLargeError
+from .sites import SITES, hf_aliases, site_names
 
 __all__ = [
-    "Gemma3", "Gemma3Config", "ConfigError", "InputError", "CacheTooLargeError", "KVPrefix", "site_names",
-    "hf_aliases",
+    "Gemma3", "Gemma3Config", "Gemma3Cache", "Generation", "ConfigError", "CheckpointError", "InputError",
+    "UnreachableSiteError", "CacheTooLargeError", "KVPrefix", "Prompt", "SITES", "site_names", "hf_aliases",
 ]

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,50 @@ def default_layer_types(n_layers: int, pattern: int = 6) -> tuple[str, ...]:
     ('sliding_attention', 'sliding_attention', 'sliding_attention', 'sliding_attention', 'sliding_attention', 'full_attention', 'sliding_attention')
     """
     return tuple(GLOBAL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers))
+
+
+# Bounds on sizes, far above every released model (27B: 62 layers, d_model 5376, vocabulary
+# 262,208, 131,072 positions), checked before anything is allocated: a mistyped or hostile
+# config fails at once with the field's name instead of exhausting memory.
+LIMITS: dict[str, int] = {
+    "n_layers": 1024, "d_model": 1 << 17, "d_mlp": 1 << 20, "n_heads": 1024, "n_kv_heads": 1024,
+    "d_head": 4096, "vocab_size": 1 << 24, "window": 1 << 24, "max_positions": 1 << 24,
+}
+
+
+def validate(cfg: "Gemma3Config") -> None:
+    """Check every field (type, sign, bounds, consistency) and fill ``layer_types``; raises a
+    :class:`ConfigError` that names the field. Sizes are checked before ``layer_types`` (one
+    entry per layer) is built."""
+    for name, limit in LIMITS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if value > limit:
+            raise ConfigError(f"{name}={value:,} is beyond any Gemma 3 model (at most {limit:,} here); "
+                              "check the configuration")
+    for name in ("rope_local_base", "rope_global_base", "rope_global_factor", "query_pre_attn_scalar", "eps"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    if cfg.d_head % 2:
+        raise ConfigError(f"d_head must be even (RoPE rotates pairs of halves), got {cfg.d_head}")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ConfigError(f"n_heads ({cfg.n_heads}) must be divisible by n_kv_heads ({cfg.n_kv_heads}): "
+                          "each key/value head serves a whole group of query heads")
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < cfg.vocab_size:
+            raise ConfigError(f"{name}={value!r} is not a token id of a vocabulary of {cfg.vocab_size}")
+    if not cfg.layer_types:
+        object.__setattr__(cfg, "layer_types", default_layer_types(cfg.n_layers))
+    else:
+        object.__setattr__(cfg, "layer_types", tuple(cfg.layer_types))
+    if len(cfg.layer_types) != cfg.n_layers:
+        raise ConfigError(f"layer_types has {len(cfg.layer_types)} entries but n_layers is {cfg.n_layers}")
+    bad = sorted({str(t) for t in cfg.layer_types if t not in LAYER_TYPES})
+    if bad:
+        raise ConfigError(f"unknown layer type(s) {bad}; expected {SLIDING!r} or {GLOBAL!r}")
 
 
 @dataclass(frozen=True)
@@ -68,28 +112,7 @@ class Gemma3Config:
     bos_token_id: int = 2
 
     def __post_init__(self) -> None:
-        if not self.layer_types:
-            object.__setattr__(self, "layer_types", default_layer_types(self.n_layers))
-        else:
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        for name in ("n_layers", "d_model", "d_mlp", "n_heads", "n_kv_heads", "d_head", "vocab_size", "window"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads}): "
-                "each key/value head serves a whole group of query heads"
-            )
-        if len(self.layer_types) != self.n_layers:
-            raise ConfigError(
-                f"layer_types has {len(self.layer_types)} entries but n_layers is {self.n_layers}"
-            )
-        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
-        if bad:
-            raise ConfigError(f"unknown layer type(s) {bad}; expected {SLIDING!r} or {GLOBAL!r}")
-        if self.rope_global_factor <= 0 or self.query_pre_attn_scalar <= 0:
-            raise ConfigError("rope_global_factor and query_pre_attn_scalar must be positive")
+        validate(self)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -122,6 +145,44 @@ class Gemma3Config:
         d["layer_types"] = list(self.layer_types)
         return d
 
+    # ------------------------------------------------------------------ Hugging Face
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any] | str | os.PathLike) -> "Gemma3Config":
+        """Read a Hugging Face ``config.json`` (a dict, a file, or a directory holding one);
+        see :func:`interp.model.hf_config.config_from_hf`.
+
+        >>> cfg = Gemma3Config.from_hf({"model_type": "gemma3_text", "num_hidden_layers": 2,
+        ...     "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        ...     "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 300, "sliding_window": 8,
+        ...     "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+        >>> cfg.rope_global_factor, cfg.window
+        (8.0, 8)
+        """
+        from .hf_config import config_from_hf
+
+        return config_from_hf(hf)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The equivalent Hugging Face ``Gemma3TextConfig`` keyword arguments.
+
+        >>> Gemma3Config.preset("4b").to_hf()["rope_scaling"]
+        {'rope_type': 'linear', 'factor': 8.0}
+        """
+        from .hf_config import config_to_hf
+
+        return config_to_hf(self)
+
+    def param_count(self) -> int:
+        """Number of parameters (the tied embedding counted once).
+
+        >>> Gemma3Config.preset("270m").param_count()
+        268098176
+        """
+        d, f, hd = self.d_model, self.d_mlp, self.d_head
+        attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 2 * hd
+        per_layer = attn + 3 * d * f + 4 * d
+        return self.vocab_size * d + self.n_layers * per_layer + d
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str) -> "Gemma3Config":
@@ -134,149 +195,6 @@ class Gemma3Config:
         if key not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**PRESETS[key])
-
-    # ------------------------------------------------------------------ Hugging Face
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any] | str | os.PathLike) -> "Gemma3Config":
-        """Read a Hugging Face ``config.json`` (a dict, a file, or a directory holding one).
-
-        Reads both RoPE spellings (``rope_theta``/``rope_local_base_freq``/``rope_scaling`` and
-        ``rope_parameters``), ``layer_types`` or the every-6th rule (``sliding_window_pattern``),
-        and the ``text_config`` nesting of multimodal checkpoints.
-
-        >>> cfg = Gemma3Config.from_hf({"model_type": "gemma3_text", "num_hidden_layers": 2,
-        ...     "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-        ...     "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 300, "sliding_window": 8,
-        ...     "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
-        >>> cfg.rope_global_factor, cfg.window
-        (8.0, 8)
-        """
-        if not isinstance(hf, dict):
-            path = os.fspath(hf)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
-        if isinstance(hf.get("text_config"), dict):
-            hf = hf["text_config"]
-        model_type = hf.get("model_type", "gemma3_text")
-        if model_type not in ("gemma3_text", "gemma3"):
-            raise ConfigError(f"model_type {model_type!r} is not a Gemma 3 text model")
-        for softcap in ("final_logit_softcapping", "attn_logit_softcapping"):
-            if hf.get(softcap) is not None:
-                raise ConfigError(f"{softcap}={hf[softcap]} is set, but Gemma 3 uses no softcapping")
-        if hf.get("use_bidirectional_attention"):
-            raise ConfigError("use_bidirectional_attention is set (an EmbeddingGemma-style encoder), "
-                              "not the causal Gemma 3 decoder this model implements")
-        # Released multimodal configs omit fields equal to transformers' Gemma3TextConfig defaults.
-        hf = {**HF_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k not in HF_TEXT_DEFAULTS}}
-        required = ("num_hidden_layers", "hidden_size", "intermediate_size")
-        missing = [k for k in required if k not in hf]
-        if missing:
-            raise ConfigError(f"config.json lacks {missing}")
-
-        local_base, global_base, factor = 10_000.0, 1_000_000.0, 1.0
-        rope_params = hf.get("rope_parameters")
-        if isinstance(rope_params, dict) and (GLOBAL in rope_params or SLIDING in rope_params):
-            g = rope_params.get(GLOBAL) or {}
-            s = rope_params.get(SLIDING) or {}
-            global_base = float(g.get("rope_theta", global_base))
-            local_base = float(s.get("rope_theta", local_base))
-            factor = _linear_factor(g)
-            if _linear_factor(s) != 1.0:
-                raise ConfigError("RoPE scaling on sliding layers is not part of Gemma 3")
-        else:
-            if isinstance(rope_params, dict):  # a single dict: the global layers' parameters
-                global_base = float(rope_params.get("rope_theta", hf.get("rope_theta", global_base)))
-                factor = _linear_factor(rope_params)
-            else:
-                global_base = float(hf.get("rope_theta", global_base))
-                factor = _linear_factor(hf.get("rope_scaling") or {})
-            local_base = float(hf.get("rope_local_base_freq", local_base))
-
-        n_layers = int(hf["num_hidden_layers"])
-        layer_types = hf.get("layer_types")
-        if layer_types is None:
-            layer_types = default_layer_types(n_layers, int(hf.get("sliding_window_pattern") or 6))
-        n_heads = int(hf["num_attention_heads"])
-        eos = hf.get("eos_token_id", 1)
-        return cls(
-            n_layers=n_layers,
-            d_model=int(hf["hidden_size"]),
-            d_mlp=int(hf["intermediate_size"]),
-            n_heads=n_heads,
-            n_kv_heads=int(hf["num_key_value_heads"]),
-            d_head=int(hf["head_dim"]),
-            vocab_size=int(hf["vocab_size"]),
-            window=int(hf["sliding_window"]),
-            rope_local_base=local_base,
-            rope_global_base=global_base,
-            rope_global_factor=factor,
-            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-            eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_positions=int(hf.get("max_position_embeddings", 131_072)),
-            layer_types=tuple(layer_types),
-            pad_token_id=int(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0),
-            eos_token_id=int(eos[0] if isinstance(eos, list) else (eos if eos is not None else 1)),
-            bos_token_id=int(hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 2),
-        )
-
-    def to_hf(self) -> dict[str, Any]:
-        """The equivalent Hugging Face ``Gemma3TextConfig`` keyword arguments.
-
-        >>> Gemma3Config.preset("4b").to_hf()["rope_scaling"]
-        {'rope_type': 'linear', 'factor': 8.0}
-        """
-        return {
-            "model_type": "gemma3_text",
-            "architectures": ["Gemma3ForCausalLM"],
-            "num_hidden_layers": self.n_layers,
-            "hidden_size": self.d_model,
-            "intermediate_size": self.d_mlp,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.d_head,
-            "vocab_size": self.vocab_size,
-            "sliding_window": self.window,
-            "rope_theta": self.rope_global_base,
-            "rope_local_base_freq": self.rope_local_base,
-            "rope_scaling": (
-                {"rope_type": "linear", "factor": float(self.rope_global_factor)}
-                if self.rope_global_factor != 1.0 else None
-            ),
-            "query_pre_attn_scalar": (
-                int(self.query_pre_attn_scalar) if float(self.query_pre_attn_scalar).is_integer()
-                else self.query_pre_attn_scalar
-            ),
-            "rms_norm_eps": self.eps,
-            "max_position_embeddings": self.max_positions,
-            "layer_types": list(self.layer_types),
-            "hidden_activation": "gelu_pytorch_tanh",
-            "pad_token_id": self.pad_token_id,
-            "eos_token_id": self.eos_token_id,
-            "bos_token_id": self.bos_token_id,
-            "tie_word_embeddings": True,
-            "final_logit_softcapping": None,
-            "attn_logit_softcapping": None,
-        }
-
-
-# transformers' Gemma3TextConfig defaults, which released configs rely on by omission.
-HF_TEXT_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-    "sliding_window": 4096, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 131_072, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-}
-
-
-def _linear_factor(params: dict[str, Any]) -> float:
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind in (None, "default"):
-        return 1.0
-    if kind != "linear":
-        raise ConfigError(f"RoPE type {kind!r} is not used by Gemma 3 (expected 'default' or 'linear')")
-    return float(params.get("factor", 1.0))
-
 
 def _preset(n_layers, d_model, d_mlp, n_heads, n_kv_heads, d_head, window, factor, scalar, max_pos, vocab):
     return dict(

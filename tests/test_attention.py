@@ -13,9 +13,9 @@ import plotly.graph_objects as go
 import torch
 
 from interp.attention import (KINDS, AttentionDistance, HeadScores, InductionLoss, PatternResult,
-                              ablate_heads_hooks, attention_distance, attention_patterns, head_scores,
+                              ablate_heads_hooks, all_head_scores, attention_distance, attention_patterns, head_scores,
                               induction_loss, repeated_random_tokens, target_mask)
-from model import Gemma3, Gemma3Config
+from interp.model import Gemma3, Gemma3Config
 
 CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100, window=4)
 N = 6  # length of the random block r in BOS + r + r (13 tokens > window)
@@ -78,7 +78,7 @@ def test_target_masks_on_repeated_tokens(tokens):
 # ---------------------------------------------------------------------- scores by hand
 def test_scores_match_hand_computation(model, patterns):
     """Each kind's score equals the mean of the right diagonal of the cached pattern."""
-    scores = head_scores(model, "all", seq_len=N, batch=2, seed=1)
+    scores = all_head_scores(model, seq_len=N, batch=2, seed=1)
     assert set(scores) == set(KINDS)
     for layer, p in patterns.items():
         s = p.shape[-1]
@@ -146,7 +146,7 @@ def test_forced_pattern_scores_one(model, kind):
     if kind != "bos":  # random heads do not put all their attention on one target (they may on BOS)
         others = [res[layer, h] for layer in range(CFG.n_layers) for h in range(4) if (layer, h) not in ((2, 1), (5, 3))]
         assert max(others) < 0.99
-        assert {(layer, h) for layer, h, _ in res.top(2)} == {(2, 1), (5, 3)}
+        assert {t.index for t in res.top(2)} == {(2, 1), (5, 3)}
     # the same through the hooks= argument
     again = head_scores(model, kind, seq_len=N, batch=2, seed=3, hooks={"blocks.{2,5}.attn.pattern": force})
     torch.testing.assert_close(again.scores, res.scores)
@@ -156,8 +156,9 @@ def test_top_and_repr(model):
     res = head_scores(model, "previous_token", seq_len=N, batch=1)
     assert isinstance(res, HeadScores)
     top = res.top(5)
-    assert len(top) == 5 and [t[2] for t in top] == sorted((t[2] for t in top), reverse=True)
-    layer, head, score = top[0]
+    assert len(top) == 5 and [t.value for t in top] == sorted((t.value for t in top), reverse=True)
+    (layer, head), score, label = top[0]
+    assert label == f"L{layer}H{head}"
     assert score == pytest.approx(float(res.scores.max()))
     assert res[layer, head] == pytest.approx(score)
     assert "previous_token" in repr(res)
@@ -179,7 +180,7 @@ def test_patterns_match_a_full_run(model, tokens, patterns):
     res = attention_patterns(model, tokens)
     for layer in range(CFG.n_layers):
         torch.testing.assert_close(res.patterns[layer], patterns[layer])
-    assert res.str_tokens[0] == [str(i) for i in tokens[0].tolist()]
+    assert res.tokens[0] == [str(i) for i in tokens[0].tolist()]
 
 
 def test_errors(model):
@@ -231,7 +232,7 @@ def _no_raw_html(values) -> None:
 def test_pattern_plot_head_selector_and_escaping(html_model):
     res = attention_patterns(html_model, [2, 5, 6, 5, 9], layers=[0, 5])
     assert isinstance(res, PatternResult)
-    assert res.str_tokens[0] == ["t2", "<b>", " x\n", "<b>", "t9"]
+    assert res.tokens[0] == ["t2", "<b>", " x\n", "<b>", "t9"]
     fig = res.plot(5)
     assert isinstance(fig, go.Figure)
     assert len(fig.data) == CFG.n_heads
@@ -278,9 +279,9 @@ def test_induction_loss_by_hand_and_ablation(model):
     assert res.second == pytest.approx(float(want[:, N + 1:].mean()))
     ablated = induction_loss(model, seq_len=N, batch=2, seed=1, ablate=[(5, 0), (5, 3)])
     assert not torch.allclose(ablated.per_token, res.per_token)
-    via_hooks = induction_loss(model, seq_len=N, batch=2, seed=1, hooks=ablate_heads_hooks([(5, 0), (5, 3)]))
+    via_hooks = induction_loss(model, seq_len=N, batch=2, seed=1, hooks=ablate_heads_hooks(model, [(5, 0), (5, 3)]))
     torch.testing.assert_close(via_hooks.per_token, ablated.per_token)
-    assert [name for name, _ in ablate_heads_hooks([(5, 3), (1, 0), (5, 0)])] == ["blocks.1.attn.z", "blocks.5.attn.z"]
+    assert [name for name, _ in ablate_heads_hooks(model, [(5, 3), (1, 0), (5, 0)])] == ["blocks.1.attn.z", "blocks.5.attn.z"]
     fig = res.plot({"ablated L5H0, L5H3": ablated})
     assert isinstance(fig, go.Figure) and len(fig.data) == 2
 
@@ -294,11 +295,11 @@ def test_demo_induction_heads_are_few(demo_model):
     flat = ind.scores.flatten()
     median = float(flat.median())
     top = ind.top(3)
-    assert top[0][2] > 0.5, ind
-    assert top[0][2] > 20 * max(median, 1e-3), ind
+    assert top[0].value > 0.5, ind
+    assert top[0].value > 20 * max(median, 1e-3), ind
     strong = int((flat > 0.25).sum())
     assert 1 <= strong <= flat.numel() // 8, ind  # a few heads, not a broad effect
     loss = induction_loss(demo_model, seq_len=30, batch=1, seed=0)
     assert loss.second < 0.25 * loss.first, loss
-    ablated = induction_loss(demo_model, seq_len=30, batch=1, seed=0, ablate=[(l, h) for l, h, _ in top[:2]])
+    ablated = induction_loss(demo_model, seq_len=30, batch=1, seed=0, ablate=top[:2])
     assert ablated.second > 4 * loss.second, (loss, ablated)

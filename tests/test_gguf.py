@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import Gemma3Config
-from model.gguf import (
+from interp.model.config import Gemma3Config
+from interp.model.gguf import (
     INSTALL_HINT, GGUFCheckpoint, GGUFDependencyError, GGUFError, hf_name, read_gguf, write_hf_dir,
 )
-from model.tokenizer import Tokenizer
+from interp.model.tokenizer import Tokenizer
 
 import gguf  # noqa: E402,F401  (the demo extra; a dev dependency, never skipped)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import Gemma3, Gemma3Config, InputError
+from interp.model import Gemma3, Gemma3Config, InputError
 
 VOCAB, MAX_POS = 100, 16
 CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=VOCAB,

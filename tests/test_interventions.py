@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hooks import ActivationCache, Site, caching_hook
-from hooks.interventions import add, mean_ablate, patch, resample_ablate, selection_mask, zero_ablate
-from model import Gemma3, Gemma3Config, KVPrefix
+from interp.hooks import ActivationCache, Site, caching_hook
+from interp.hooks.interventions import add, mean_ablate, patch, resample_ablate, selection_mask, zero_ablate
+from interp.model import Gemma3, Gemma3Config, KVPrefix
 
 CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100, window=4)
 SEQ = 6
@@ -71,11 +71,21 @@ def test_identity_hooks_change_nothing(model, toks, names):
     everything, _ = model.run_with_cache(toks)
     assert torch.equal(model.run_with_hooks(toks, {n: (lambda x, site: x) for n in names}), everything)
     # empty selections and scale=0 are identities too
-    empty = [zero_ablate(rows=[]), zero_ablate(positions=[]), patch(torch.zeros(1, SEQ, CFG.d_model), positions=SEQ + 5),
+    empty = [zero_ablate(rows=[]), zero_ablate(positions=[]), patch(torch.zeros(1, SEQ, CFG.d_model), positions=slice(SEQ + 5, None)),
              add(torch.ones(CFG.d_model), scale=0.0)]
     for hook in empty:
         with model.hooks({"blocks.*.resid_pre": hook}):
             assert torch.equal(model(toks), plain)
+
+
+def test_out_of_range_positions_raise_and_leave_no_hooks(model, toks):
+    """The one position rule: an int outside the sequence is an error naming it, never a silent skip."""
+    plain = model(toks)
+    for hook in (zero_ablate(positions=SEQ + 5), patch(torch.zeros(1, SEQ, CFG.d_model), positions=[0, -SEQ - 1]),
+                 add(torch.ones(CFG.d_model), positions=[SEQ])):
+        with pytest.raises(IndexError, match="outside a sequence of"):
+            model.run_with_hooks(toks, {"blocks.0.resid_pre": hook})
+    assert not model.registry.active and torch.equal(model(toks), plain)
 
 
 # ---------------------------------------------------------------------- selections on the model
@@ -155,13 +165,25 @@ def test_positions_are_full_sequence_indices_in_a_prefix_run(model, toks, other)
     hooks = {resid: patch(src, positions=[1, 4]), pattern: zero_ablate(positions=-1, heads=[0])}
     full_logits, full = model.run_with_cache(toks, names=[resid, pattern], hooks=hooks)
     kv: dict = {}
-    model.run_with_hooks(toks[:, :3], {resid: hooks[resid]}, kv_out=kv)  # the prefix, patched alike
+    # the prefix, patched alike (a 3-token run: its source and positions are those of 3 tokens)
+    model.run_with_hooks(toks[:, :3], {resid: patch({resid: src[resid][:, :3]}, positions=[1])}, kv_out=kv)
     part_logits, part = model.run_with_cache(toks[:, 3:], names=[resid, pattern], hooks=hooks,
                                              prefix=KVPrefix.from_kv(kv))
     assert torch.equal(part[resid][:, 1], src[resid][:, 4])  # local 1 = index 4; index 1 skipped
     assert torch.equal(part[resid][:, [0, 2]], full[resid][:, [3, 5]])
     assert part[pattern].shape[2:] == (3, SEQ) and not part[pattern][:, 0, -1].any()
     torch.testing.assert_close(part_logits, full_logits[:, 3:], rtol=0, atol=1e-5)
+
+
+def test_a_source_longer_than_the_run_is_refused(model, toks, other):
+    """A cache of 6 tokens patched into a 3-token run is not cut to its first 3 tokens silently."""
+    site = "blocks.1.resid_pre"
+    _, src = model.run_with_cache(other, names=site)
+    for hook in (patch(src), mean_ablate(src[site]), resample_ablate(src)):
+        with pytest.raises(ValueError, match="covers 6 tokens, but this run has 3"):
+            model.run_with_hooks(toks[:, :3], {site: hook})
+    assert not model.registry.active
+    model.run_with_hooks(toks[:, :3], {site: patch(src[site][:, :3])})  # an explicit slice is fine
 
 
 def test_neuron_limited_ablation_on_hidden(model, toks):
@@ -272,13 +294,13 @@ def test_selection_matches_a_reference_loop(data):
     x = torch.randn(b, s, h, e)
     src = torch.randn(1, offset + s, h, e)  # covers the full sequence
     rows = data.draw(st.none() | st.lists(st.integers(0, b - 1), max_size=3))
-    positions = data.draw(st.none() | st.lists(st.integers(-(offset + s), offset + s + 2), max_size=4)
+    positions = data.draw(st.none() | st.lists(st.integers(-(offset + s), offset + s - 1), max_size=4)
                           | st.builds(slice, st.integers(0, 4), st.integers(2, 9)))
     heads = data.draw(st.none() | st.lists(st.integers(0, h * group - 1), max_size=3))
     out = patch(src, rows=rows, positions=positions, heads=heads)(x, site)
     total = offset + s
     pos_full = set(range(total)) if positions is None else set(range(total)[positions]) \
-        if isinstance(positions, slice) else {p % total for p in positions if -total <= p < total}
+        if isinstance(positions, slice) else {p % total for p in positions}
     kv = set(range(h)) if heads is None else {q // group for q in heads}
     for i in range(b):
         for t in range(s):

@@ -7,8 +7,9 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from interp.lens import LensResult, layer_labels, logit_lens, str_tokens, token_id
-from model import Gemma3, Gemma3Config
+from interp.lens import LensResult, logit_lens
+from interp.tokens import MultiTokenWarning, layer_labels, str_tokens, token_id
+from interp.model import Gemma3, Gemma3Config
 
 CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100, window=4)
 IDS = torch.tensor([[2, 17, 5, 9, 7, 33, 41]])  # 7 tokens > window 4; id 7 is "<script>..." below
@@ -85,7 +86,8 @@ def test_target_prob_and_rank_agree_with_topk(tiny):
 
 def test_targets_as_strings_take_the_first_token_without_bos(tiny_tok):
     assert token_id(tiny_tok, " w40") == 40
-    assert token_id(tiny_tok, " w40| w41") == 40  # several tokens: the first
+    with pytest.warns(MultiTokenWarning, match=r"' w40\| w41' is 2 tokens \[' w40', ' w41'\]; using its first"):
+        assert token_id(tiny_tok, " w40| w41") == 40  # several tokens: the first, with a warning
     assert token_id(tiny_tok, 41) == 41
     with pytest.raises(ValueError, match="outside the vocabulary"):
         token_id(tiny_tok, CFG.vocab_size)

@@ -16,12 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import ConfigError, Gemma3, Gemma3Config
-from model.config import GLOBAL, SLIDING
-from model.loading import CheckpointError
+from interp.model import ConfigError, Gemma3, Gemma3Config
+from interp.model.config import GLOBAL, SLIDING
+from interp.model.loading import CheckpointError
 import transformers  # noqa: F401  (the reference implementation; a dev dependency, never skipped)
 
-from tests.hf_reference import hf_logits, hf_state_dict, save_hf_checkpoint
+from hf_reference import hf_logits, hf_state_dict, save_hf_checkpoint
 
 CFG = Gemma3Config(n_layers=3, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=16,
                    vocab_size=300, window=4, rope_global_factor=8.0,
@@ -370,8 +370,8 @@ def test_each_kind_of_mismatch_alone(source, tmp_path, change):
         del state["model.norm.weight"]
         needle = "final_norm.weight"
     elif change == "unexpected":
-        state["model.layers.3.input_layernorm.weight"] = torch.zeros(CFG.d_model)  # a 4th layer
-        needle = "blocks.3.input_norm.weight"
+        state["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(CFG.d_model)
+        needle = "model.layers.0.mlp.extra_proj.weight"
     else:
         state["model.embed_tokens.weight"] = torch.zeros(CFG.vocab_size + 1, CFG.d_model)
         needle = "embed.weight"
@@ -384,8 +384,10 @@ def test_each_kind_of_mismatch_alone(source, tmp_path, change):
 
 def test_config_that_does_not_fit_the_weights(hf_dir):
     folder, _ = hf_dir
-    with pytest.raises(CheckpointError, match="blocks.3"):
+    with pytest.raises(CheckpointError, match="says 4 layers but model.safetensors holds tensors for 3"):
         Gemma3.from_pretrained(folder, config=CFG.replace(n_layers=4))
+    with pytest.raises(CheckpointError, match=r"misshaped \(35\): blocks.0.attn.k_proj.weight"):
+        Gemma3.from_pretrained(folder, config=CFG.replace(d_model=64))
 
 
 def test_nonexistent_path(tmp_path):

@@ -18,11 +18,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import Gemma3, Gemma3Config
-from model.config import GLOBAL, SLIDING
+from interp.model import Gemma3, Gemma3Config
+from interp.model.config import GLOBAL, SLIDING
 import transformers  # noqa: F401  (the reference implementation; a dev dependency, never skipped)
 
-from tests.hf_reference import hf_logits, hf_model_from
+from hf_reference import hf_logits, hf_model_from
 
 ATOL = 1e-4  # the assertion; fp32 rounding typically gives ~1e-6 at these sizes
 SEQ = 13  # longer than every window below, so sliding layers really slide

@@ -15,11 +15,12 @@ import sys
 import pytest
 import torch
 
-from interp import patching
+import interp.patching as patching
+import interp.patching.experiments
 from interp.metrics import kl, logit_diff, prob
-from interp.patching import SWEEPS, Experiment, compare, patch_sweep, plan, site_of
-from model import Gemma3, Gemma3Config
-from model.config import GLOBAL, SLIDING
+from interp.patching import SWEEPS, Experiment, compare, patch_sweep, patch_sweeps, plan, site_of
+from interp.model import Gemma3, Gemma3Config
+from interp.model.config import GLOBAL, SLIDING
 
 ALL_SWEEPS = tuple(SWEEPS)
 
@@ -98,7 +99,7 @@ def assert_matches(results, reference, atol: float) -> int:
 def test_sweep_equals_naive_loop_every_site(name):
     model = make_model(CONFIGS[name])
     metric = logit_diff(3, 4)
-    fast = patch_sweep(model, CLEAN, CORRUPT, metric, ALL_SWEEPS, progress=False)
+    fast = patch_sweeps(model, CLEAN, CORRUPT, metric, ALL_SWEEPS, progress=False)
     ref = naive_sweep(model, CLEAN, CORRUPT, metric, ALL_SWEEPS)
     assert assert_matches(fast, ref, 1e-5) == sum(r.values.numel() for r in fast.values())
     for r in fast.values():
@@ -117,7 +118,7 @@ def test_sweep_equals_naive_loop_other_metrics(metric_kind):
         "callable": lambda logits: logits[:, -2, 5] - logits[:, 1, 6],
     }[metric_kind]
     kinds = ("resid_pre", "attn.out", "attn.z_by_pos")
-    fast = patch_sweep(model, CLEAN, CORRUPT, metric, kinds, progress=False)
+    fast = patch_sweeps(model, CLEAN, CORRUPT, metric, kinds, progress=False)
     ref = naive_sweep(model, CLEAN, CORRUPT, metric, kinds)
     assert_matches(fast, ref, 1e-5)
     if metric_kind == "prob_middle":
@@ -146,10 +147,10 @@ def test_batch_size_memory_limit_and_merging_do_not_change_results(monkeypatch, 
     model = make_model(CONFIGS["gqa_local_global"])
     metric = logit_diff(3, 4)
     kinds = ("resid_mid", "attn.z", "attn.z_by_pos")
-    whole = patch_sweep(model, CLEAN, CORRUPT, metric, kinds, progress=False)
-    monkeypatch.setitem(patching.MERGE_TOKEN_ROWS, "cpu", merge)
+    whole = patch_sweeps(model, CLEAN, CORRUPT, metric, kinds, progress=False)
+    monkeypatch.setitem(patching.experiments.MERGE_TOKEN_ROWS, "cpu", merge)
     for kw in ({}, {"batch_size": 1}, {"batch_size": 5}, {"max_bytes": 1}):
-        split = patch_sweep(model, CLEAN, CORRUPT, metric, kinds, progress=False, **kw)
+        split = patch_sweeps(model, CLEAN, CORRUPT, metric, kinds, progress=False, **kw)
         for k in kinds:
             torch.testing.assert_close(split[k].raw, whole[k].raw, atol=1e-5, rtol=1e-5)
 
@@ -159,7 +160,7 @@ def test_normalisation_zero_is_corrupt_one_is_clean():
     residual at q in layer 0, or at the metric position after the last layer, gives the clean run (1)."""
     model = make_model(CONFIGS["gqa_local_global"])  # its global layer lets the last token see position 3
     clean, corrupt = [2, 11, 23, 5, 40, 7, 19], [2, 11, 23, 9, 40, 7, 19]
-    r = patch_sweep(model, clean, corrupt, logit_diff(3, 4), ["resid_pre", "resid_post"], progress=False)
+    r = patch_sweeps(model, clean, corrupt, logit_diff(3, 4), ["resid_pre", "resid_post"], progress=False)
     pre, post = r["resid_pre"].values, r["resid_post"].values
     assert pre[:, :3].abs().max() < 1e-5 and post[:, :3].abs().max() < 1e-5
     assert abs(float(pre[0, 3]) - 1) < 1e-5
@@ -174,7 +175,7 @@ def test_normalisation_zero_is_corrupt_one_is_clean():
 
 def test_result_format_plot_and_labels():
     model = make_model(CONFIGS["gqa_local_global"])
-    r = patch_sweep(model, CLEAN, CORRUPT, logit_diff(3, 4), ["resid_pre", "attn.z", "attn.z_by_pos"], progress=False)
+    r = patch_sweeps(model, CLEAN, CORRUPT, logit_diff(3, 4), ["resid_pre", "attn.z", "attn.z_by_pos"], progress=False)
     cfg = model.cfg
     assert r["resid_pre"].values.shape == (cfg.n_layers, len(CLEAN)) and r["resid_pre"].axes == ("layer", "pos")
     assert r["attn.z"].values.shape == (cfg.n_layers, cfg.n_heads)
@@ -184,8 +185,9 @@ def test_result_format_plot_and_labels():
     assert "23/31" in fig.layout.xaxis.ticktext[2]  # positions where the prompts differ show both tokens
     assert len(r["attn.z_by_pos"].plot().layout.yaxis.ticktext) == cfg.n_layers * cfg.n_heads
     top = r["resid_pre"].top(3)
-    assert len(top) == 3 and abs(top[0][1]) == float(r["resid_pre"].values.abs().max())
-    assert r["resid_pre"].values[top[0][0]] == top[0][1]
+    assert len(top) == 3 and abs(top[0].value) == float(r["resid_pre"].values.abs().max())
+    assert r["resid_pre"].values[top[0].index] == top[0].value
+    assert top[0].label.startswith("blocks.")
     both = compare(r["resid_pre"], r["resid_pre"])
     assert both.sign_agreement() == 1.0 and both.correlation() == pytest.approx(1.0)
     assert len(both.plot().data) >= 3
@@ -247,7 +249,7 @@ def demo_sample(e: Experiment, n_layers: int) -> bool:
 def test_demo_sweep_equals_naive_loop(demo_model):
     demo, fact = demo_model, fact_metric(demo_model)
     kinds = ("resid_pre", "attn.out", "mlp.out", "attn.z", "attn.z_by_pos")
-    fast = patch_sweep(demo, FACT_CLEAN, FACT_CORRUPT, fact, kinds, progress=False)
+    fast = patch_sweeps(demo, FACT_CLEAN, FACT_CORRUPT, fact, kinds, progress=False)
     ref = naive_sweep(demo, FACT_CLEAN, FACT_CORRUPT, fact, kinds, select=lambda e: demo_sample(e, demo.cfg.n_layers))
     assert assert_matches(fast, ref, 1e-5) >= 40
     # the factual pair behaves like one: the country token carries the answer early on

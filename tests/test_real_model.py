@@ -57,7 +57,7 @@ def test_residual_stream_is_the_sum_of_its_parts_on_the_real_model(demo_model):
 
 
 def test_bf16_demo_model_agrees_with_fp32(demo_path, demo_model):
-    from model import Gemma3
+    from interp.model import Gemma3
 
     bf16 = Gemma3.from_pretrained(demo_path, dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
@@ -68,7 +68,7 @@ def test_bf16_demo_model_agrees_with_fp32(demo_path, demo_model):
 
 
 def test_generation_continues_greedily(demo_model):
-    text = demo_model.generate("The capital of France is", max_new_tokens=5)
+    text = demo_model.generate("The capital of France is", max_new_tokens=5).text
     ids = demo_model.tokenizer.encode("The capital of France is")
     for _ in range(5):  # the same greedy tokens without the key/value prefix
         ids.append(int(demo_model(ids)[0, -1].argmax()))

@@ -8,9 +8,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hooks
-from hooks import HookError, HookRegistry, Site, UnknownSiteError
-from model import Gemma3, Gemma3Config, hf_aliases, site_names
+import interp.hooks as hooks
+from interp.hooks import HookError, HookRegistry, Site, SiteNames, UnknownSiteError
+from interp.model import Gemma3, Gemma3Config, hf_aliases, site_names
+from interp.model.sites import LAYER_FORMAT
 
 N_LAYERS = 6
 CFG = Gemma3Config(n_layers=N_LAYERS, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100,
@@ -43,11 +44,15 @@ def _registry_clean(model):
 @pytest.fixture
 def reg() -> HookRegistry:
     """A stand-alone registry with the model's names and aliases (no forward pass needed)."""
-    return HookRegistry(site_names(CFG), hf_aliases(CFG))
+    return HookRegistry(SiteNames(site_names(CFG), hf_aliases(CFG), layer_format=LAYER_FORMAT))
 
 
 def snapshot(reg: HookRegistry) -> dict[str, list[int]]:
-    return {name: [id(fn) for fn in fns] for name, fns in reg.active.items()}
+    return {name: [id(r.fn) for r in regs] for name, regs in reg.active.items()}
+
+
+def fire(reg: HookRegistry, name: str, x: torch.Tensor, layer=None) -> torch.Tensor:
+    return reg.run().fire(name, x, layer)
 
 
 # ---------------------------------------------------------------------------- resolution
@@ -75,12 +80,14 @@ def test_resolve_braces(reg):
 def test_resolve_list_is_deduplicated_and_in_model_order(reg):
     got = reg.resolve(["logits", "blocks.1.mlp.out", "blocks.*.mlp.out", "embed", "embed"])
     assert got == ["embed"] + [f"blocks.{i}.mlp.out" for i in range(N_LAYERS)] + ["logits"]
-    assert reg.resolve([]) == []
+    with pytest.raises(UnknownSiteError, match="empty list"):
+        reg.resolve([])
 
 
 def test_resolve_predicate(reg):
     assert reg.resolve(lambda n: n.endswith("resid_pre") and n.startswith("blocks.4")) == ["blocks.4.resid_pre"]
-    assert reg.resolve(lambda n: False) == []
+    with pytest.raises(UnknownSiteError, match="matches no site"):
+        reg.resolve(lambda n: False)
     assert reg.resolve(lambda n: True) == list(reg.names)
 
 
@@ -99,7 +106,7 @@ def test_resolve_alias(reg):
 
 def test_aliases_must_point_to_real_names():
     with pytest.raises(ValueError, match="unknown names"):
-        HookRegistry(["a"], {"b": "nowhere"})
+        SiteNames(["a"], {"b": "nowhere"})
 
 
 @pytest.mark.parametrize("bad, suggestion", [
@@ -312,11 +319,28 @@ def scope_trees(draw, depth=0):
     return pairs, raises, children
 
 
+def _conflicts(reg: HookRegistry, pairs) -> bool:
+    """Whether one function reaches one site through two different specs."""
+    via: dict[tuple[str, int], str] = {}
+    for spec, fn in pairs:
+        label = spec if isinstance(spec, str) else getattr(spec, "__name__", repr(spec))
+        for n in reg.resolve(spec):
+            if via.setdefault((n, id(fn)), str(label)) != str(label):
+                return True
+    return False
+
+
 def _enter(reg: HookRegistry, tree, stack: list[list[tuple[str, object]]]):
     spec_fns, raises, children = tree
     pairs = [(SPECS[i], POOL[f] if f >= 0 else (lambda x, s: None)) for i, f in spec_fns]
     mine = [(n, fn) for spec, fn in pairs for n in reg.resolve(spec)]
     before = snapshot(reg)
+    if _conflicts(reg, pairs):  # one function through two different specs: refused, nothing added
+        with pytest.raises(ValueError, match="would run twice"):
+            with reg.scope(pairs):
+                pass
+        assert snapshot(reg) == before
+        return
     try:
         with reg.scope(pairs):
             # inside: every enclosing scope's hooks, then this scope's, in order
@@ -341,7 +365,7 @@ def _enter(reg: HookRegistry, tree, stack: list[list[tuple[str, object]]]):
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(scope_trees(), min_size=1, max_size=3))
 def test_nested_scopes_restore_exactly(forest):
-    reg = HookRegistry(site_names(CFG), hf_aliases(CFG))
+    reg = HookRegistry(SiteNames(site_names(CFG), hf_aliases(CFG), layer_format=LAYER_FORMAT))
     for tree in forest:
         _enter(reg, tree, [])
         assert reg.active == {}

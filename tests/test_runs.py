@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooks import ActivationCache
-from model import CacheTooLargeError, Gemma3, Gemma3Config, InputError, KVPrefix
+from interp.hooks import ActivationCache
+from interp.model import CacheTooLargeError, Gemma3, Gemma3Config, InputError, KVPrefix
 
 CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100,
                    window=4, rope_global_factor=8.0)
@@ -191,7 +191,7 @@ def test_prefix_mask_must_cover_prefix_and_new_tokens(m):
 
 # ---------------------------------------------------------------------- generation
 def test_greedy_generation_equals_a_loop_without_the_prefix(m):
-    new = m.generate(IDS[:, :5], max_new_tokens=6, stop_at_eos=False)
+    new = m.generate(IDS[:, :5], max_new_tokens=6, stop_at_eos=False).ids
     ids = IDS[:, :5]
     for _ in range(6):
         ids = torch.cat([ids, m(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
@@ -208,13 +208,13 @@ def test_batched_generation_with_padding_equals_each_row_alone(m):
     batch = m.generate(padded, max_new_tokens=4, stop_at_eos=False, attention_mask=mask)
     for r, row in enumerate(rows):
         alone = m.generate(torch.tensor([row]), max_new_tokens=4, stop_at_eos=False)
-        assert torch.equal(alone[0], batch[r])
+        assert torch.equal(alone.ids[0], batch.ids[r])
 
 
 def test_sampling_is_reproducible_with_a_seed(m):
     a = m.generate(IDS[:, :4], max_new_tokens=8, temperature=1.0, top_k=20, seed=5, stop_at_eos=False)
     b = m.generate(IDS[:, :4], max_new_tokens=8, temperature=1.0, top_k=20, seed=5, stop_at_eos=False)
-    assert torch.equal(a, b)
+    assert torch.equal(a.ids, b.ids)
 
 
 def test_generation_keeps_hooks_for_every_step(m):
@@ -226,7 +226,7 @@ def test_generation_keeps_hooks_for_every_step(m):
 
 
 def test_position_selections_on_logits_at_runs_use_whole_sequence_positions(m):
-    from hooks import zero_ablate
+    from interp.hooks import zero_ablate
 
     _, cache = m.run_with_cache(IDS, "final_norm", positions=[2], logits_at=[2, 3])
     _, full = m.run_with_cache(IDS, "final_norm")

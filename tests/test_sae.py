@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from interp.sae import JumpReLUSAE, run_with_saes, top_features
-from model import Gemma3, Gemma3Config
+from interp.model import Gemma3, Gemma3Config
 
 CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100, window=4)
 IDS = torch.tensor([[2, 17, 5, 9, 33, 41, 7]])
@@ -100,7 +100,7 @@ def test_loading_errors(tmp_path):
 def test_top_features():
     acts = torch.zeros(1, 2, 5)
     acts[0, -1, 3], acts[0, -1, 1] = 2.0, 1.0
-    assert top_features(acts, k=3) == [(3, 2.0), (1, 1.0)]
+    assert [(t.index, t.value, t.label) for t in top_features(acts, k=3)] == [((3,), 2.0, "F3"), ((1,), 1.0, "F1")]
 
 
 def test_an_sae_on_the_o_proj_input_reads_the_heads_flattened(m):

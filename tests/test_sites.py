@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hooks import ActivationCache
-from model import Gemma3, Gemma3Config
+from interp.hooks import ActivationCache
+from interp.model import Gemma3, Gemma3Config
 
 N_LAYERS, D, F_MLP, H, KV, HD, VOCAB, WINDOW = 6, 32, 64, 4, 2, 8, 100, 4
 B, S = 3, 7  # batch and sequence chosen to differ from every model dimension (S > WINDOW)

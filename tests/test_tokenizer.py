@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from model.tokenizer import Tokenizer, TokenizerError, TokenizerTypeError
+from interp.model.tokenizer import Tokenizer, TokenizerError, TokenizerTypeError
 
 GEMMA3_TOKENIZER_SHA256 = "1299c11d7cf632ef3b4e11937501358ada021bbdf7c47638d13c0ee982f2e79c"
 

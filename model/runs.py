@@ -1,0 +1,215 @@
+"""Runs with hooks, caches and gradients, and the memory estimate that guards every cache.
+
+Mixed into :class:`~interp.model.Gemma3`; see its docs for the model itself.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from ..hooks import HookSpec, NameSpec, Site, backward_hook, caching_hook, hook_pairs, is_exact, seq_indices
+from .cache import Gemma3Cache
+from .inputs import check_layers, is_resid
+from .sites import HEAVY_KINDS, kind_of, site_shape
+
+if TYPE_CHECKING:
+    from .gemma3 import Gemma3
+
+
+class CacheTooLargeError(MemoryError):
+    """A requested cache would not fit; the message has the estimate and options that fit."""
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in the largest unit that keeps it at least 1 (B, KiB, MiB, GiB, TiB).
+
+    >>> format_bytes(320), format_bytes(3 * 2**20), format_bytes(0.5)
+    ('320 B', '3.0 MiB', '0 B')
+    """
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes free on ``device`` (None when unknown): CUDA free memory, else Linux MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class RunsMixin:
+    """``run_with_hooks``, ``run_with_cache``, ``run_with_grads`` and cache estimates."""
+
+    def run_with_hooks(self: "Gemma3", prompt: Any, hooks: HookSpec, **kwargs: Any) -> torch.Tensor:
+        """``forward`` with ``hooks`` active for this call only (see :meth:`Gemma3.hooks`)."""
+        with self.registry.scope(hooks):
+            return self(prompt, **kwargs)
+
+    def backward_hooks(self: "Gemma3", hooks: HookSpec) -> Any:
+        """Hooks on gradients, by site name: ``fn(grad, site) -> Tensor | None`` runs when the
+        gradient flows back into the site (return a tensor to replace it). A context manager."""
+        return self.registry.scope([(spec, backward_hook(fn)) for spec, fn in hook_pairs(hooks)])
+
+    # ------------------------------------------------------------------ which sites a run fires
+    def _run_names(self: "Gemma3", names: NameSpec, prompt: Any, kwargs: dict[str, Any]) -> list[str]:
+        """The sites of ``names`` that a run with ``kwargs`` computes. ``None`` means every site
+        it computes; an exact name it does not compute is an error, a glob warns about those."""
+        from .gemma3 import UnreachableSiteError
+
+        start = kwargs.get("start_at_layer") or 0
+        stop_at = kwargs.get("stop_at_layer")
+        stop = check_layers(self.cfg, start, stop_at)
+        from_resid = start > 0 or is_resid(prompt)
+        resolved = self.registry.resolve(names)
+        reach = [n for n in resolved if self.reaches(n, start, stop, from_resid, stop_at is None)]
+        missed = [n for n in resolved if n not in set(reach)]
+        if missed and names is not None:
+            where = f"start_at_layer={start}, stop_at_layer={stop_at}"
+            if is_exact(names):
+                raise UnreachableSiteError(f"{missed[:5]} cannot be cached or hooked: this run ({where}) does not "
+                                           "compute them")
+            if not reach:
+                raise UnreachableSiteError(f"{names!r} matches no site this run ({where}) computes")
+            warnings.warn(f"{len(missed)} site(s) matched by {names!r} are not computed by this run ({where}), "
+                          f"e.g. {missed[0]!r}; the cache holds the other {len(reach)}", stacklevel=3)
+        return reach
+
+    # ------------------------------------------------------------------ caches
+    def run_with_cache(self: "Gemma3", prompt: Any, names: NameSpec = None, *, device: str | torch.device | None = None,
+                       dtype: torch.dtype | None = None, positions: Any = None, max_bytes: int | None = None,
+                       hooks: HookSpec = None, **kwargs: Any) -> tuple[torch.Tensor, Gemma3Cache]:
+        """Logits (or the residual, for ``stop_at_layer``) and a :class:`~interp.model.cache.Gemma3Cache`
+        of the sites ``names`` matches (default: every site the run computes).
+
+        ``device``/``dtype`` store the cache elsewhere (e.g. ``"cpu"``, ``torch.bfloat16``);
+        ``positions`` keeps only those sequence positions (query positions of scores and
+        patterns). Before running, the cache size is estimated; above ``max_bytes`` (default:
+        the memory available on the cache's device) a :class:`CacheTooLargeError` gives the
+        estimate and options that would fit, instead of running out of memory. Extra ``hooks``
+        run before caching, so the cache shows their effect. Other keywords go to ``forward``.
+
+        >>> from interp.model import Gemma3, Gemma3Config
+        >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
+        ...     n_kv_heads=1, d_head=8, vocab_size=9))
+        >>> _, cache = m.run_with_cache(torch.tensor([[2, 3, 4]]), "blocks.0.attn.pattern", positions=[-1])
+        >>> cache["blocks.0.attn.pattern"].shape
+        torch.Size([1, 1, 1, 3])
+        """
+        cache_names = self._run_names(names, prompt, kwargs)
+        self._check_cache_fits(prompt, cache_names, device, dtype, positions, max_bytes, kwargs)
+        store: dict[str, torch.Tensor] = {}
+        pairs = hook_pairs(hooks)
+        pairs.append((cache_names, caching_hook(store, device=device, dtype=dtype, positions=positions)))
+        out = self.run_with_hooks(prompt, pairs, **kwargs)
+        return out, Gemma3Cache({n: store[n] for n in cache_names if n in store})
+
+    def run_with_grads(self: "Gemma3", prompt: Any, metric: Callable[[torch.Tensor], torch.Tensor],
+                       names: NameSpec = None, *, hooks: HookSpec = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, Gemma3Cache, Gemma3Cache]:
+        """Logits, activations and gradients of ``metric(logits)`` (a scalar) at each named site.
+
+        Returns ``(logits, cache, grads)``; ``grads[name]`` has the site's shape. Weights stay
+        frozen; the first site of the run is made a leaf so every later one gets a gradient.
+
+        >>> from interp.model import Gemma3, Gemma3Config
+        >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
+        ...     n_kv_heads=1, d_head=8, vocab_size=9))
+        >>> _, cache, grads = m.run_with_grads(torch.tensor([[2, 3]]), lambda l: l[0, -1, 4], "blocks.0.resid_post")
+        >>> grads["blocks.0.resid_post"].shape
+        torch.Size([1, 2, 8])
+        """
+        cache_names = self._run_names(names, prompt, kwargs)
+        start = kwargs.get("start_at_layer") or 0
+        first = f"blocks.{start}.resid_pre" if start > 0 or is_resid(prompt) else "embed"
+        store: dict[str, torch.Tensor] = {}
+
+        def make_leaf(t: torch.Tensor, site: Site) -> torch.Tensor | None:
+            return None if t.requires_grad else t.detach().requires_grad_(True)
+
+        pairs = [(first, make_leaf)] + hook_pairs(hooks)
+        pairs.append((cache_names, caching_hook(store, keep_grad=True)))
+        with torch.enable_grad():
+            logits = self.run_with_hooks(prompt, pairs, **kwargs)
+            value = metric(logits)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"metric must return a scalar tensor, got {shape}; e.g. sum or mean it")
+            present = [n for n in cache_names if n in store]
+            grads = torch.autograd.grad(value, [store[n] for n in present], allow_unused=True)
+        grad_cache = {n: (g if g is not None else torch.zeros_like(store[n])).detach() for n, g in zip(present, grads)}
+        return (logits.detach(), Gemma3Cache({n: store[n].detach() for n in present}), Gemma3Cache(grad_cache))
+
+    # ------------------------------------------------------------------ sizes
+    def site_shape(self: "Gemma3", name: str, batch: int, seq: int, keys: int | None = None) -> tuple[int, ...]:
+        """The shape site ``name`` has for ``batch`` x ``seq`` tokens (``keys`` attended keys).
+
+        >>> from interp.model import Gemma3, Gemma3Config
+        >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=2,
+        ...     n_kv_heads=1, d_head=4, vocab_size=9))
+        >>> m.site_shape("blocks.0.attn.pattern", 1, 8)
+        (1, 2, 8, 8)
+        """
+        return site_shape(self.cfg, self.registry.resolve(name)[0], batch, seq, keys)
+
+    def estimate_cache_bytes(self: "Gemma3", names: NameSpec, batch: int, seq: int, dtype: torch.dtype | None = None,
+                             positions: Any = None) -> int:
+        """Bytes a ``run_with_cache`` of ``names`` would hold, computed before running.
+
+        >>> from interp.model import Gemma3, Gemma3Config
+        >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
+        ...     n_kv_heads=1, d_head=8, vocab_size=9))
+        >>> m.estimate_cache_bytes("blocks.0.resid_post", batch=2, seq=5)
+        320
+        """
+        kept = seq if positions is None else len(seq_indices(positions, Site("x", None), seq))
+        size = torch.empty((), dtype=dtype or self.dtype).element_size()
+        total = sum(math.prod(site_shape(self.cfg, n, batch, kept, keys=seq)) for n in self.registry.resolve(names))
+        return total * size
+
+    def _check_cache_fits(self: "Gemma3", prompt: Any, names: list[str], device: Any, dtype: torch.dtype | None,
+                          positions: Any, max_bytes: int | None, kwargs: dict[str, Any]) -> None:
+        if kwargs.get("start_at_layer") or is_resid(prompt):
+            batch, seq = prompt.shape[:2]
+        else:
+            ids, _ = self.to_tokens(prompt, kwargs.get("attention_mask"))
+            batch, seq = ids.shape
+        need = self.estimate_cache_bytes(names, batch, seq, dtype, positions)
+        limit = max_bytes if max_bytes is not None else available_memory(device or self.device)
+        if limit is None or need <= limit:
+            return
+
+        def fmt(n: list[str], d: torch.dtype | None = dtype, p: Any = positions) -> str:
+            return format_bytes(self.estimate_cache_bytes(n, batch, seq, d, p)) if n else "0 B"
+
+        options = []
+        if (dtype or self.dtype).itemsize > 2:
+            options.append(f"dtype=torch.bfloat16 ({fmt(names, torch.bfloat16)})")
+        if positions is None and seq > 1:
+            options.append(f"positions=[-1] ({fmt(names, p=[-1])})")
+        heavy = [n for n in names if kind_of(n).kind in HEAVY_KINDS]
+        if heavy:
+            light = [n for n in names if n not in heavy]
+            options.append(f"names without {'/'.join(HEAVY_KINDS)} ({fmt(light)})")
+        if str(device or self.device).startswith("cuda"):
+            options.append('device="cpu"')
+        raise CacheTooLargeError(
+            f"caching {len(names)} sites for {batch} x {seq} tokens needs about {format_bytes(need)}, over the "
+            f"limit of {format_bytes(limit)}. Options: "
+            + "; ".join(options + ["a smaller batch", "max_bytes=... to raise the limit"]))
+
+
+__all__ = ["RunsMixin", "CacheTooLargeError", "available_memory", "format_bytes"]

@@ -1,0 +1,176 @@
+"""Every site of the Gemma 3 model, written once: name, shape, axes, aliases, description.
+
+Everything else is derived from :data:`SITES`: the registry's names and per-site facts, the
+Hugging Face aliases, shape and memory estimates, which sites force the explicit attention
+path, ``python -m interp info``, and the README's table (a test checks it matches).
+
+Shape symbols: ``b`` batch, ``s`` sequence (queries), ``k`` keys, ``d`` d_model, ``h`` query
+heads, ``kv`` key/value heads, ``hd`` d_head, ``f`` d_mlp, ``v`` vocabulary.
+
+>>> from interp.model.config import Gemma3Config
+>>> cfg = Gemma3Config(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=1, d_head=4, vocab_size=9)
+>>> site_names(cfg)[:3], site_shape(cfg, "blocks.0.attn.k", batch=1, seq=5)
+(['embed', 'blocks.0.resid_pre', 'blocks.0.input_norm'], (1, 5, 1, 4))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Gemma3Config
+
+LAYER_FORMAT = "blocks.{layer}."
+HF_LAYER = "model.layers.{layer}"
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    """The facts of one kind of site (per layer, or once per model)."""
+
+    kind: str
+    per_layer: bool
+    shape: tuple[str, ...]
+    doc: str
+    seq_axis: int = 1
+    head_axis: int | None = None
+    kv_grouped: bool = False  # the head axis holds kv heads: query head h reads kv head h // group
+    explicit: bool = False  # hooking it makes the layer run the explicit (not fused) attention path
+    heavy: bool = False  # large per token (quadratic or vocabulary-wide): first to leave a cache
+    hf: tuple[str, ...] = ()  # Hugging Face module paths meaning this tensor ({p} = model.layers.{i})
+
+    def name(self, layer: int | None = None) -> str:
+        """The site's name at ``layer`` (``blocks.{i}.`` + kind for per-layer sites)."""
+        if not self.per_layer:
+            return self.kind
+        return LAYER_FORMAT.format(layer="{i}" if layer is None else layer) + self.kind
+
+    @property
+    def shape_text(self) -> str:
+        """The shape as written in the docs, e.g. ``[b, s, h, hd]``."""
+        return "[" + ", ".join(self.shape) + "]"
+
+
+def _block(kind: str, shape: str, doc: str, **kw: object) -> SiteKind:
+    return SiteKind(kind, True, tuple(shape.split()), doc, **kw)  # type: ignore[arg-type]
+
+
+_HEADS = {"head_axis": 2}
+_KV = {"head_axis": 2, "kv_grouped": True}
+
+SITES: tuple[SiteKind, ...] = (
+    SiteKind("embed", False, ("b", "s", "d"), "token embeddings after the sqrt(d) scale", hf=("model.embed_tokens",)),
+    _block("resid_pre", "b s d", "residual stream entering layer i", hf=("{p}.input",)),
+    _block("input_norm", "b s d", "norm 1 output, the attention input", hf=("{p}.input_layernorm",)),
+    _block("attn.q", "b s h hd", "query projection, before q_norm", hf=("{p}.self_attn.q_proj",), **_HEADS),
+    _block("attn.k", "b s kv hd", "key projection, before k_norm", hf=("{p}.self_attn.k_proj",), **_KV),
+    _block("attn.v", "b s kv hd", "value projection (values are not normed)", hf=("{p}.self_attn.v_proj",), **_KV),
+    _block("attn.q_normed", "b s h hd", "queries after q_norm", hf=("{p}.self_attn.q_norm",), **_HEADS),
+    _block("attn.k_normed", "b s kv hd", "keys after k_norm", hf=("{p}.self_attn.k_norm",), **_KV),
+    _block("attn.q_rot", "b s h hd", "queries after RoPE", **_HEADS),
+    _block("attn.k_rot", "b s kv hd", "keys after RoPE (what a KV cache holds)", **_KV),
+    _block("attn.scores", "b h s k", "scaled and masked, before softmax", seq_axis=2, head_axis=1, explicit=True,
+           heavy=True),
+    _block("attn.pattern", "b h s k", "after softmax", seq_axis=2, head_axis=1, explicit=True, heavy=True),
+    _block("attn.z", "b s h hd", "weighted values, the o_proj input", hf=("{p}.self_attn.o_proj.input",),
+           **_HEADS),
+    _block("attn.head_out", "b s h d", "each head's share of the o_proj output", explicit=True, heavy=True,
+           **_HEADS),
+    _block("attn.out", "b s d", "o_proj output", hf=("{p}.self_attn.o_proj", "{p}.self_attn")),
+    _block("post_attn_norm", "b s d", "norm 2 output, which is added to the residual",
+           hf=("{p}.post_attention_layernorm",)),
+    _block("resid_mid", "b s d", "residual after attention"),
+    _block("pre_mlp_norm", "b s d", "norm 3 output, the MLP input", hf=("{p}.pre_feedforward_layernorm",)),
+    _block("mlp.gate", "b s f", "gate projection, before the activation", hf=("{p}.mlp.gate_proj",)),
+    _block("mlp.act", "b s f", "gelu_tanh(gate)", hf=("{p}.mlp.act_fn",)),
+    _block("mlp.up", "b s f", "up projection", hf=("{p}.mlp.up_proj",)),
+    _block("mlp.hidden", "b s f", 'act * up, the down_proj input (the "neurons")', hf=("{p}.mlp.down_proj.input",)),
+    _block("mlp.out", "b s d", "down_proj output", hf=("{p}.mlp.down_proj", "{p}.mlp")),
+    _block("post_mlp_norm", "b s d", "norm 4 output, which is added to the residual",
+           hf=("{p}.post_feedforward_layernorm",)),
+    _block("resid_post", "b s d", "residual leaving layer i", hf=("{p}",)),
+    SiteKind("final_norm", False, ("b", "s", "d"), "final RMSNorm output", hf=("model.norm",)),
+    SiteKind("logits", False, ("b", "s", "v"), "tied unembedding", heavy=True, hf=("lm_head",)),
+)
+
+BY_KIND: dict[str, SiteKind] = {s.kind: s for s in SITES}
+BLOCK_KINDS: tuple[str, ...] = tuple(s.kind for s in SITES if s.per_layer)
+EXPLICIT_KINDS: tuple[str, ...] = tuple(s.kind for s in SITES if s.explicit)
+HEAVY_KINDS: tuple[str, ...] = tuple(s.kind for s in SITES if s.heavy)
+
+
+def kind_of(name: str) -> SiteKind:
+    """The :class:`SiteKind` of a site name (``blocks.3.attn.q`` -> the ``attn.q`` entry)."""
+    kind = name.split(".", 2)[2] if name.startswith("blocks.") else name
+    return BY_KIND[kind]
+
+
+def site_names(cfg: "Gemma3Config") -> list[str]:
+    """Every site name of a model with this configuration, in the order they fire.
+
+    >>> from interp.model.config import Gemma3Config
+    >>> site_names(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1, n_kv_heads=1, d_head=8, vocab_size=9))[-2:]
+    ['final_norm', 'logits']
+    """
+    head = [s.kind for s in SITES if not s.per_layer and s.kind == "embed"]
+    tail = [s.kind for s in SITES if not s.per_layer and s.kind != "embed"]
+    return head + [s.name(i) for i in range(cfg.n_layers) for s in SITES if s.per_layer] + tail
+
+
+def hf_aliases(cfg: "Gemma3Config") -> dict[str, str]:
+    """Hugging Face module paths (as Gemma Scope 2 names them) that mean one of our sites.
+
+    A module's *output* unless the path ends in ``.input`` (that module's input): e.g.
+    ``model.layers.7.self_attn.o_proj.input`` is ``blocks.7.attn.z``. An alias names the same
+    values in this toolkit's layout: ``attn.z`` is ``[b, s, h, hd]`` where Hugging Face's o_proj
+    input is ``[b, s, h * hd]``.
+
+    >>> from interp.model.config import Gemma3Config
+    >>> hf_aliases(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1, n_kv_heads=1, d_head=8,
+    ...     vocab_size=9))["model.layers.0.post_feedforward_layernorm"]
+    'blocks.0.post_mlp_norm'
+    """
+    out: dict[str, str] = {}
+    for s in SITES:
+        layers = range(cfg.n_layers) if s.per_layer else [None]
+        for i in layers:
+            p = HF_LAYER.format(layer=i)
+            for alias in s.hf:
+                out[alias.format(p=p)] = s.name(i)
+    return out
+
+
+def site_info(cfg: "Gemma3Config") -> dict[str, dict[str, int]]:
+    """Per-site :class:`~interp.hooks.Site` fields: ``seq_axis``, ``head_axis``, ``kv_group``."""
+    out: dict[str, dict[str, int]] = {}
+    for s in SITES:
+        info: dict[str, int] = {"seq_axis": s.seq_axis}
+        if s.head_axis is not None:
+            info["head_axis"] = s.head_axis
+            info["kv_group"] = cfg.group_size if s.kv_grouped else 1
+        for i in range(cfg.n_layers) if s.per_layer else [None]:
+            out[s.name(i)] = info
+    return out
+
+
+def site_shape(cfg: "Gemma3Config", name: str, batch: int, seq: int, keys: int | None = None) -> tuple[int, ...]:
+    """The shape site ``name`` has for ``batch`` x ``seq`` tokens (``keys`` attended keys, default ``seq``)."""
+    sizes = {"b": batch, "s": seq, "k": seq if keys is None else keys, "d": cfg.d_model, "h": cfg.n_heads,
+             "kv": cfg.n_kv_heads, "hd": cfg.d_head, "f": cfg.d_mlp, "v": cfg.vocab_size}
+    return tuple(sizes[sym] for sym in kind_of(name).shape)
+
+
+def markdown_table() -> str:
+    """The README's table of sites (a test checks the README holds exactly this).
+
+    >>> markdown_table().splitlines()[2]
+    '| `embed` | `[b, s, d]` | token embeddings after the sqrt(d) scale |'
+    """
+    rows = ["| site | shape | what it is |", "|---|---|---|"]
+    rows += [f"| `{s.name()}` | `{s.shape_text}` | {s.doc} |" for s in SITES]
+    return "\n".join(rows)
+
+
+__all__ = ["SiteKind", "SITES", "BY_KIND", "BLOCK_KINDS", "EXPLICIT_KINDS", "HEAVY_KINDS", "LAYER_FORMAT",
+           "kind_of", "site_names", "hf_aliases", "site_info", "site_shape", "markdown_table"]
