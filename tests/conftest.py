@@ -1,8 +1,17 @@
-"""Shared fixtures: the real Gemma 3 270M demo model (converted once into the user's cache),
-loaded once per session, and transformers' own loading of the same GGUF as the reference.
+"""Shared fixtures. Tests mirror the packages: ``tests/model``, ``tests/hooks``, ``tests/interp``.
+
+- ``tiny_model``: a model of ``support.TINY`` (6 layers, GQA, window 4), shared per module; tests
+  that change weights build their own with ``support.make_model``.
+- ``fake_tokenizer``: ``support.FakeTokenizer`` (token text with ``<script>`` and newlines).
+- ``demo_model``: the real Gemma 3 270M in fp32, loaded once per session; ``hf_gguf_model`` and
+  ``hf_gguf_tokenizer``: transformers' own loading of the same GGUF, the reference.
 
 Nothing here skips: the demo model and transformers are dev dependencies, and a test that
 silently skipped would hide exactly the checks that prove this is Gemma 3.
+
+Tests that use the demo model, transformers' GGUF loading, a subprocess or a notebook are
+marked ``slow`` automatically: ``pytest -m "not slow"`` runs the rest in about a minute (CI
+runs everything).
 """
 
 from __future__ import annotations
@@ -13,11 +22,36 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers (fakes, hf_reference) for every test folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # support and hf_reference, for every test folder
+
+import support  # noqa: E402
 
 # The suite is dominated by tiny models, where a second thread costs more than it gives on a
 # 2-core machine (and much more when the machine is shared).
 torch.set_num_threads(1)
+
+SLOW_FIXTURES = {"demo_model", "demo_path", "demo_gguf", "hf_gguf_model", "hf_gguf_tokenizer"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SLOW_FIXTURES or item.get_closest_marker("subprocess"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A :data:`support.TINY` model with random weights (seed 0); treat it as read-only."""
+    model = support.make_model(support.TINY)
+    yield model
+    assert not model.registry.active, "a test left hooks on the shared tiny model"
+
+
+@pytest.fixture
+def fake_tokenizer() -> support.FakeTokenizer:
+    """Token i is ``' w{i}'``; id 7 is a ``<script>`` tag and id 8 holds a newline."""
+    return support.FakeTokenizer(support.TINY.vocab_size)
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from interp.sae import JumpReLUSAE, run_with_saes, top_features
+from support import TINY
 from interp.model import Gemma3, Gemma3Config
 
-CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100, window=4)
+CFG = TINY
 IDS = torch.tensor([[2, 17, 5, 9, 33, 41, 7]])
 
 

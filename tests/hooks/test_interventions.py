@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 from interp.hooks import ActivationCache, Site, caching_hook
 from interp.hooks.interventions import add, mean_ablate, patch, resample_ablate, selection_mask, zero_ablate
+from support import TINY
 from interp.model import Gemma3, Gemma3Config, KVPrefix
 
-CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100, window=4)
+CFG = TINY
 SEQ = 6
 HYP = settings(max_examples=25, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

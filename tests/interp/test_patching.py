@@ -15,6 +15,8 @@ import sys
 import pytest
 import torch
 
+import support
+
 import interp.patching as patching
 import interp.patching.experiments
 from interp.metrics import kl, logit_diff, prob
@@ -27,13 +29,7 @@ ALL_SWEEPS = tuple(SWEEPS)
 
 def make_model(cfg: Gemma3Config, seed: int = 0) -> Gemma3:
     """Random weights scaled so that patching effects are large and attention is far from uniform."""
-    m = Gemma3.from_config(cfg, seed=seed)
-    with torch.no_grad():
-        m.embed.weight.mul_(50.0)
-        for block in m.blocks:
-            block.attn.q_norm.weight.add_(1.0)
-            block.attn.k_norm.weight.add_(1.0)
-    return m
+    return support.make_model(cfg, seed, sensitive=True)
 
 
 CONFIGS = {

@@ -22,6 +22,7 @@ from interp.model import Gemma3, Gemma3Config
 from interp.model.config import GLOBAL, SLIDING
 import transformers  # noqa: F401  (the reference implementation; a dev dependency, never skipped)
 
+import support
 from hf_reference import hf_logits, hf_model_from
 
 ATOL = 1e-4  # the assertion; fp32 rounding typically gives ~1e-6 at these sizes
@@ -30,13 +31,7 @@ SEQ = 13  # longer than every window below, so sliding layers really slide
 
 def make_model(cfg: Gemma3Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Gemma3:
     """``from_config`` with weights rescaled so that the test is sensitive (see module docstring)."""
-    m = Gemma3.from_config(cfg, seed=seed)
-    with torch.no_grad():
-        m.embed.weight.mul_(50.0)  # N(0, 1): logits ~ sqrt(d_model)
-        for block in m.blocks:  # (1 + w) ~ 2: attention scores ~4x larger
-            block.attn.q_norm.weight.add_(1.0)
-            block.attn.k_norm.weight.add_(1.0)
-    return m.to(dtype)
+    return support.make_model(cfg, seed, dtype, sensitive=True)
 
 
 def tiny(**kw) -> Gemma3Config:

@@ -15,9 +15,10 @@ import torch
 from interp.attention import (KINDS, AttentionDistance, HeadScores, InductionLoss, PatternResult,
                               ablate_heads_hooks, all_head_scores, attention_distance, attention_patterns, head_scores,
                               induction_loss, repeated_random_tokens, target_mask)
+from support import TINY
 from interp.model import Gemma3, Gemma3Config
 
-CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100, window=4)
+CFG = TINY
 N = 6  # length of the random block r in BOS + r + r (13 tokens > window)
 
 

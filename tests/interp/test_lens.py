@@ -11,9 +11,10 @@ from interp.lens import LensResult, logit_lens
 from interp.tokens import MultiTokenWarning, layer_labels, str_tokens, token_id
 from interp.model import Gemma3, Gemma3Config
 
-CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100, window=4)
+from support import SCRIPT, TINY, FakeTokenizer
+
+CFG = TINY
 IDS = torch.tensor([[2, 17, 5, 9, 7, 33, 41]])  # 7 tokens > window 4; id 7 is "<script>..." below
-from fakes import SCRIPT, FakeTokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
