@@ -40,9 +40,26 @@ if __package__ in (None, ""):  # run as a file: python bench/cache.py
 
 import torch
 
-from bench.common import (PeakMemory, add_common_args, bench_config, environment, held_bytes, hf_model_sharing,
-                          markdown_table, max_abs_diff, median, mib, ms, nominal_bytes, paired_ratio, ratio,
-                          spread, synchronize, tensors_in, time_interleaved)
+from bench.common import (
+    PeakMemory,
+    add_common_args,
+    bench_config,
+    environment,
+    held_bytes,
+    hf_model_sharing,
+    markdown_table,
+    max_abs_diff,
+    median,
+    mib,
+    ms,
+    nominal_bytes,
+    paired_ratio,
+    ratio,
+    spread,
+    synchronize,
+    tensors_in,
+    time_interleaved,
+)
 
 
 def build_bridge(model):
@@ -84,7 +101,8 @@ def contenders(model, bridge, hf_sdpa, hf_eager, ids, mid: int, device: str):
         "tl_resid": ("TransformerLens bridge: run_with_cache, *hook_resid_post",
                      lambda: bridge.run_with_cache(ids, names_filter=tl_resid)),
         "tl_patch": ("TransformerLens bridge: run_with_hooks, one patch",
-                     lambda: (bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{mid}.hook_resid_post", tl_patch)]), None)),
+                     lambda: (bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{mid}.hook_resid_post", tl_patch)]),
+                              None)),
         "hf_sdpa": ("transformers: forward, sdpa", lambda: (hf_sdpa(input_ids=ids, use_cache=False).logits, None)),
         "hf_eager": ("transformers: forward, eager", lambda: (hf_eager(input_ids=ids, use_cache=False).logits, None)),
     })

@@ -34,8 +34,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -175,7 +176,7 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
         self._peak = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         malloc_trim()
         if self.device.type == "cuda":
@@ -254,7 +255,7 @@ def run_child(args: Sequence[str], timeout: float | None = None) -> dict[str, An
                           timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"child {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise RuntimeError(f"child {' '.join(args)} printed no JSON:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return json.loads(lines[-1])
@@ -282,6 +283,7 @@ def hf_model_sharing(model, attn_implementation: str = "sdpa"):
     the checkpoints. Buffers (RoPE frequencies, embedding scale) are HF's own.
     """
     import transformers
+
     from interp.model.checkpoint import our_name
 
     try:

@@ -41,9 +41,24 @@ if __package__ in (None, ""):  # run as a file: python bench/forward.py
 
 import torch
 
-from bench.common import (add_common_args, bench_config, environment, hf_model_sharing, markdown_table,
-                          max_abs_diff, median, mib, ms, paired_ratio, parse_ints, proc_status, ratio,
-                          run_child, spread, time_interleaved)
+from bench.common import (
+    add_common_args,
+    bench_config,
+    environment,
+    hf_model_sharing,
+    markdown_table,
+    max_abs_diff,
+    median,
+    mib,
+    ms,
+    paired_ratio,
+    parse_ints,
+    proc_status,
+    ratio,
+    run_child,
+    spread,
+    time_interleaved,
+)
 
 
 # ---------------------------------------------------------------------- stripped forward
@@ -188,8 +203,8 @@ def loading_table(layers: int | None, seed: int, folder: str | None) -> str:
         for which, label in (("ours", "ours: Gemma3.from_pretrained(dir, dtype=bfloat16)"),
                              ("hf", "transformers: Gemma3ForCausalLM.from_pretrained(dir, dtype=bfloat16)")):
             r = run_child(base + ["--child", f"load-{which}", "--dir", folder])
-            b, l, t = r["before"], r["loaded"], r["touched"]
-            peak_load = l["VmHWM"] - b["VmRSS"]
+            b, loaded, t = r["before"], r["loaded"], r["touched"]
+            peak_load = loaded["VmHWM"] - b["VmRSS"]
             peak_all = t["VmHWM"] - b["VmRSS"]
             rows.append([label, f"{r['seconds']:.2f}", mib(b["VmRSS"]), mib(peak_load), mib(peak_all),
                          ratio(peak_all / size), mib(t["RssAnon"] - b["RssAnon"]), mib(t["RssFile"] - b["RssFile"])])
@@ -250,10 +265,10 @@ def forward_tables(args) -> str:
         for seq in args.seqs:
             ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
             s = time_interleaved({
-                "ours": lambda: run_ours(ids),
-                "stripped": lambda: run_stripped(ids),
-                "sdpa": lambda: run_hf(hf_sdpa, ids),
-                "eager": lambda: run_hf(hf_eager, ids),
+                "ours": lambda ids=ids: run_ours(ids),
+                "stripped": lambda ids=ids: run_stripped(ids),
+                "sdpa": lambda ids=ids: run_hf(hf_sdpa, ids),
+                "eager": lambda ids=ids: run_hf(hf_eager, ids),
             }, repeats=args.repeats, warmup=args.warmup)
             ours = median(s["ours"])
             worst["sdpa"].append(paired_ratio(s["ours"], s["sdpa"]))

@@ -124,8 +124,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from interp.metrics import logit_diff
-    from interp.patching import patch_sweep
     from interp.model import Gemma3
+    from interp.patching import patch_sweep
 
     cfg = bench_config(args.layers)
     model = Gemma3.from_config(cfg, seed=args.seed)  # fp32, CPU, frozen
@@ -178,7 +178,7 @@ def main(argv=None) -> None:
         checks.append(("TransformerLens", max(abs(v - float(ours.raw[c])) for c, v in tl.items())))
 
     table = []
-    for name, measured, seconds, full, full_seconds, extrapolated in rows:
+    for name, measured, seconds, _full, full_seconds, extrapolated in rows:
         star = "*" if extrapolated else ""
         table.append([name, measured, f"{seconds:,.2f}", f"{measured / seconds:,.2f}",
                       f"{full_seconds:,.1f}{star}", f"{full_seconds / t_ours:,.1f}x"])

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -22,7 +23,7 @@ from .names import SiteNames
 from .positions import Positions, resolve_positions
 from .registry import NonFiniteError, Site
 
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 FORMAT_VERSION = "1"
 
 
@@ -59,7 +60,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} sites, {self.nbytes / 2**20:.1f} MiB)"
 
-    def _new(self, tensors: Mapping[str, torch.Tensor]) -> "ActivationCache":
+    def _new(self, tensors: Mapping[str, torch.Tensor]) -> ActivationCache:
         return type(self)(tensors, layer_format=self.layer_format)
 
     @property
@@ -87,7 +88,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         assert self._names is not None
         return torch.stack([self._t[self._names.join(i, kind)] for i in layers])
 
-    def to(self, *args: Any, **kwargs: Any) -> "ActivationCache":
+    def to(self, *args: Any, **kwargs: Any) -> ActivationCache:
         """A copy with every tensor moved/cast (``cache.to("cpu")``, ``cache.to(torch.bfloat16)``)."""
         return self._new({k: v.to(*args, **kwargs) for k, v in self._t.items()})
 
@@ -117,7 +118,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-             names: Iterable[str] | None = None) -> "ActivationCache":
+             names: Iterable[str] | None = None) -> ActivationCache:
         """Read a cache written by :meth:`save`; ``names`` (e.g. ``model.site_names()``) checks
         that every key is a site of that model. Any other safetensors file (a model's weights,
         a file with keys that are not site names, tensors of different batch sizes) is a
@@ -133,7 +134,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
                     raise CacheFileError(f"{path} is a safetensors file but not an ActivationCache (its metadata has "
                                          f"no kind='ActivationCache'; it holds {len(keys)} tensors such as "
                                          f"{keys[:3]}); write caches with cache.save()")
-                bad = [k for k in keys if not _KEY.match(k)]
+                bad = [k for k in keys if not _KEY.fullmatch(k)]
                 if bad:
                     raise CacheFileError(f"{path}: {bad[0]!r} is not a site name")
                 if names is not None:
@@ -146,7 +147,8 @@ class ActivationCache(Mapping[str, torch.Tensor]):
             raise CacheFileError(f"{path} is not a readable safetensors file ({e})") from None
         batches = {tuple(t.shape[:1]) for t in tensors.values() if t.dim() > 0}
         if len(batches) > 1:
-            raise CacheFileError(f"{path}: the tensors have different batch sizes {sorted(batches)}; not one run's cache")
+            raise CacheFileError(f"{path}: the tensors have different batch sizes {sorted(batches)}; "
+                                 "not one run's cache")
         try:
             layer_format = json.loads(meta.get("layer_format", "null"))
         except json.JSONDecodeError:

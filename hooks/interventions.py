@@ -46,15 +46,16 @@ tensor([[[0., 0.],
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from .positions import positions_mask
 from .registry import Site
 
-Index = Union[int, slice, Sequence[int], torch.Tensor, None]
-Source = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+Selector = int | slice | Sequence[int] | torch.Tensor
+Index = Selector | None
+Source = torch.Tensor | Mapping[str, torch.Tensor]
 Intervention = Callable[[torch.Tensor, Site], torch.Tensor]
 
 __all__ = ["patch", "zero_ablate", "mean_ablate", "resample_ablate", "add", "selection_mask"]
@@ -74,15 +75,15 @@ def _check_index(index: Index, what: str) -> Index:
     raise TypeError(f"{what}= must be an int, list, slice or tensor, got {type(index).__name__}")
 
 
-def _axis_mask(index: Index, size: int, what: str, site: Site) -> torch.Tensor:
+def _axis_mask(index: Selector, size: int, what: str, site: Site) -> torch.Tensor:
     """A bool ``[size]`` mask for ``index`` over ``range(size)`` (out of range raises)."""
     try:
-        return positions_mask(index, size, what=what)  # type: ignore[arg-type]
+        return positions_mask(index, size, what=what)
     except (IndexError, ValueError) as e:
-        raise type(e)(f"{e} (at {site.name!r}, which has {size} along the {what} axis)") from None  # type: ignore[call-arg]
+        raise type(e)(f"{e} (at {site.name!r}, which has {size} along the {what} axis)") from None
 
 
-def _seq_mask(positions: Index, site: Site, local: int, batch: int) -> torch.Tensor:
+def _seq_mask(positions: Selector, site: Site, local: int, batch: int) -> torch.Tensor:
     """Bool ``[local]`` or ``[batch, local]``: which of the tensor's tokens are selected.
 
     Positions are indices of the whole sequence (:mod:`interp.hooks.positions`); the tensor
@@ -169,7 +170,10 @@ def _fit(src: torch.Tensor, x: torch.Tensor, site: Site, what: str, *, full: boo
                 f"(the site holds {local} of them); a source must cover the same tokens. Run the source on a "
                 "prompt of the same length, or slice it yourself (e.g. source[:, :n]) if you mean to align "
                 "its first tokens")
-        src = src.index_select(j, held.to(src.device)) if site.indices is not None else src.narrow(j, site.offset, local)
+        if site.indices is not None:
+            src = src.index_select(j, held.to(src.device))
+        else:
+            src = src.narrow(j, site.offset, local)
     ok = sd <= nd and all(s in (1, t) for s, t in zip(src.shape[::-1], x.shape[::-1]))
     if full:
         ok = ok and all(s == t for s, t in zip(src.shape[1:], x.shape[1:]))

@@ -15,9 +15,9 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
-NameSpec = Union[str, Sequence[str], Callable[[str], bool], None]
+NameSpec = str | Sequence[str] | Callable[[str], bool] | None
 
 
 class UnknownSiteError(KeyError):

@@ -20,11 +20,11 @@ interp.hooks.positions.PositionError: position 7 is outside a sequence of 5 toke
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
-Positions = Union[int, slice, Sequence[int], torch.Tensor]
+Positions = int | slice | Sequence[int] | torch.Tensor
 
 
 class PositionError(IndexError, ValueError):

@@ -26,21 +26,26 @@ shared between threads: the weights, the site names, and the ``check_finite`` de
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 
 from .names import NameSpec, SiteNames, is_exact
 
-Hook = Callable[[torch.Tensor, "Site"], Union[torch.Tensor, None]]
-HookSpec = Union[Mapping[Any, Hook], Sequence[tuple[Any, Hook]], None]
+Hook = Callable[[torch.Tensor, "Site"], torch.Tensor | None]
+HookSpec = Mapping[Any, Hook] | Sequence[tuple[Any, Hook]] | None
 
 # Modes of the current thread/task (not of a model): a second, checking pass after a
 # non-finite result, and internal partial runs whose callers know they stop early.
 _CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar("interp_check_finite", default=False)
 _PARTIAL: contextvars.ContextVar[bool] = contextvars.ContextVar("interp_partial_run", default=False)
+
+
+_NO_HOOKS: Mapping[str, tuple[Registration, ...]] = MappingProxyType({})
 
 
 class HookError(RuntimeError):
@@ -128,8 +133,8 @@ class HookRegistry:
         for name in names.names:
             layer, kind = names.split(name)
             self.info[name] = {"kind": kind, **(info or {}).get(name, {})}
-        self._active: contextvars.ContextVar[dict[str, tuple[Registration, ...]]] = contextvars.ContextVar(
-            f"interp_hooks_{id(self)}", default={})
+        self._active: contextvars.ContextVar[Mapping[str, tuple[Registration, ...]]] = contextvars.ContextVar(
+            f"interp_hooks_{id(self)}", default=_NO_HOOKS)
         self.check_finite = False
 
     def resolve(self, spec: NameSpec) -> list[str]:
@@ -146,7 +151,7 @@ class HookRegistry:
         return name in self._active.get()
 
     @contextmanager
-    def scope(self, hooks: HookSpec) -> Iterator["HookRegistry"]:
+    def scope(self, hooks: HookSpec) -> Iterator[HookRegistry]:
         """Activate hooks for the duration of a ``with`` block, in this thread or task only.
 
         ``hooks`` maps a name spec (see :meth:`resolve`) to a hook, or is a list of
@@ -183,7 +188,7 @@ class HookRegistry:
         """Remove every hook this thread or task sees (a last resort; scopes clean up after themselves)."""
         self._active.set({})
 
-    def run(self, positions: torch.Tensor | None = None, offset: int = 0) -> "HookRun":
+    def run(self, positions: torch.Tensor | None = None, offset: int = 0) -> HookRun:
         """A :class:`HookRun` for one forward pass, with a snapshot of this context's hooks."""
         return HookRun(self, positions, offset)
 
@@ -247,7 +252,7 @@ class HookRun:
         return x
 
 
-def backward_hook(fn: Callable[[torch.Tensor, Site], Union[torch.Tensor, None]]) -> Hook:
+def backward_hook(fn: Callable[[torch.Tensor, Site], torch.Tensor | None]) -> Hook:
     """Turn ``fn(grad, site) -> Tensor | None`` into a forward hook that runs it on the
     gradient flowing back into the site (replacing it when ``fn`` returns a tensor).
 

@@ -8,24 +8,44 @@ re-exported here (the model, caches, interventions, analyses, metrics).
 26
 """
 
-from .hooks import (ActivationCache, HookSpec, NonFiniteError, Site, add, hook_pairs, mean_ablate, patch,
-                    resample_ablate, zero_ablate)
-from .model import Gemma3, Gemma3Cache, Gemma3Config, Generation
+from typing import Any
 
 from .attention import (
-    AttentionDistance, HeadScores, InductionLoss, PatternResult, ablate_heads_hooks, all_head_scores,
-    attention_distance, attention_patterns, head_scores, induction_loss, repeated_random_tokens,
+    AttentionDistance,
+    HeadScores,
+    InductionLoss,
+    PatternResult,
+    ablate_heads_hooks,
+    all_head_scores,
+    attention_distance,
+    attention_patterns,
+    head_scores,
+    induction_loss,
+    repeated_random_tokens,
 )
 from .attribution import attribution_patch, attribution_patches
 from .dla import DLAResult, direct_logit_attribution
+from .hooks import (
+    ActivationCache,
+    HookSpec,
+    NonFiniteError,
+    Site,
+    add,
+    hook_pairs,
+    mean_ablate,
+    patch,
+    resample_ablate,
+    zero_ablate,
+)
 from .lens import LensResult, logit_lens
 from .metrics import Metric, kl, logit_diff, prob
+from .model import Gemma3, Gemma3Cache, Gemma3Config, Generation
 from .patching import Comparison, PatchingResult, compare, patch_sweep, patch_sweeps
 from .sae import JumpReLUSAE, run_with_saes, top_features
 from .tokens import Top
 
 
-def load(src: str = "demo", **kwargs) -> Gemma3:
+def load(src: str = "demo", **kwargs: Any) -> Gemma3:
     """Load a model: ``"demo"`` (the real Gemma 3 270M from PyPI), a directory, a file or a hub id
     (see :meth:`Gemma3.from_pretrained` for the options).
 

@@ -23,7 +23,8 @@ residual stream at the token that was changed, in early layers).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

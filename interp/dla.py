@@ -28,7 +28,6 @@ from typing import Any
 
 import plotly.graph_objects as go
 import torch
-
 from einops import einsum
 
 from .hooks import resolve_position
@@ -110,7 +109,9 @@ class DLAResult:
 
     def _metric_html(self) -> str:
         m = f"logit({escape_token(self.target_token)})"
-        return m if self.baseline is None else f"{m} − logit({escape_token(self.baseline_token)})"
+        if self.baseline is None or self.baseline_token is None:
+            return m
+        return f"{m} − logit({escape_token(self.baseline_token)})"
 
     def plot(self, title: str | None = None) -> go.Figure:
         """Bars per part: ``embed``, ``L0 attn``, ``L0 mlp``, ... (they sum to the logit)."""
@@ -169,7 +170,8 @@ def direct_logit_attribution(model: Gemma3, prompt: Any, target: Target, baselin
 
     values = [u @ at("embed")]
     heads, neurons = [], []
-    for i, block in enumerate(model.blocks):
+    for i in range(cfg.n_layers):
+        block = model.block(i)
         values += [u @ at(f"blocks.{i}.post_attn_norm"), u @ at(f"blocks.{i}.post_mlp_norm")]
         u_attn = u * (1.0 + block.post_attn_norm.weight.float()) * rms_factor(at(f"blocks.{i}.attn.out"), cfg.eps)
         w_o = block.attn.o_proj.weight.float().view(cfg.d_model, cfg.n_heads, cfg.d_head)

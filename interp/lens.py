@@ -22,8 +22,9 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 import torch
@@ -82,13 +83,15 @@ class LensResult:
         """:meth:`table` as aligned text (tokens shown with ``repr``, so spaces are visible),
         with each target's probability and rank as extra columns."""
         c = self.column(position)
-        rows = [("layer", "top token", "prob")]
+        header = ["layer", "top token", "prob"]
         for t in self.target_tokens:
-            rows[0] += (f"p({t!r})", "rank")
+            header += [f"p({t!r})", "rank"]
+        rows = [header]
         for r, (label, top, prob) in enumerate(self.table(position)):
-            row = (label, repr(top), f"{prob:.3f}")
-            for j in range(len(self.targets)):
-                row += (f"{float(self.target_probs[r, c, j]):.3f}", str(int(self.target_ranks[r, c, j])))
+            row = [label, repr(top), f"{prob:.3f}"]
+            if self.target_probs is not None and self.target_ranks is not None:
+                for j in range(len(self.targets)):
+                    row += [f"{float(self.target_probs[r, c, j]):.3f}", str(int(self.target_ranks[r, c, j]))]
             rows.append(row)
         return aligned(rows)
 
@@ -97,9 +100,10 @@ class LensResult:
         cell and the top-k (with probabilities) on hover. Global-attention layers are labelled."""
         k = self.top_ids.shape[-1]
         hover = []
-        for r, label in enumerate(self.labels):
+        for r, _label in enumerate(self.labels):
             stage = "the embedding" if r == 0 else (
-                f"after layer {r - 1} ({'global' if self.layer_types[r - 1] == 'full_attention' else 'sliding-window'} attention)")
+                f"after layer {r - 1} "
+                f"({'global' if self.layer_types[r - 1] == 'full_attention' else 'sliding-window'} attention)")
             hover.append([f"{stage}\ntop {k}:\n" + "\n".join(
                 f"{repr(t)} {float(p):.3g}" for t, p in zip(self.top_tokens[r][c], self.top_probs[r, c]))
                 for c in range(len(self.positions))])
@@ -115,7 +119,7 @@ class LensResult:
     def plot_targets(self, position: int = -1, metric: str = "prob", title: str | None = None) -> go.Figure:
         """One line per target across stages at ``position``: ``metric`` is ``"prob"`` or
         ``"rank"`` (log axis; 1 = the top token)."""
-        if not self.targets:
+        if not self.targets or self.target_probs is None or self.target_ranks is None:
             raise ValueError("this lens has no targets; call logit_lens(..., targets=[' Paris'])")
         if metric not in ("prob", "rank"):
             raise ValueError(f"metric must be 'prob' or 'rank', got {metric!r}")

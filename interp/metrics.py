@@ -21,14 +21,15 @@ tensor([2., 2.])
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from .hooks import resolve_positions
 from .tokens import Target, str_tokens, token_id
 
-Positions = Union[int, Sequence[int]]
+Positions = int | Sequence[int]
 Factory = Callable[[tuple[int, ...]], Callable[[torch.Tensor], torch.Tensor]]
 
 
@@ -71,7 +72,7 @@ class Metric:
             if factory is None:
                 raise TypeError("a Metric needs fn, or targets and a factory")
             if all(isinstance(t, int) and not isinstance(t, bool) for t in self.targets):
-                self._set_ids(tuple(int(t) for t in self.targets))  # type: ignore[arg-type]
+                self._set_ids(tuple(int(t) for t in self.targets))
 
     def _set_ids(self, ids: tuple[int, ...]) -> None:
         assert self.factory is not None
@@ -84,7 +85,7 @@ class Metric:
         """True when the metric can be called (its text targets, if any, are token ids)."""
         return self.fn is not None
 
-    def bind(self, model: Any) -> "Metric":
+    def bind(self, model: Any) -> Metric:
         """This metric with text targets turned into ``model``'s token ids and its name written
         with the tokens (a metric of ids is renamed the same way).
 
@@ -180,7 +181,7 @@ def logit_diff(correct: Target, wrong: Target, position: Positions = -1) -> Metr
     tensor([3.])
     """
     def factory(ids: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda l: (l[..., 0] - l[..., 1]).mean(-1)
+        return lambda logits: (logits[..., 0] - logits[..., 1]).mean(-1)
 
     return Metric(None, position, f"logit_diff({correct!r}, {wrong!r})", targets=(correct, wrong), factory=factory,
                   reads_targets=True)
@@ -194,7 +195,7 @@ def prob(target: Target, position: Positions = -1) -> Metric:
     """
     def factory(ids: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
         t = ids[0]
-        return lambda l: l.softmax(-1)[..., t].mean(-1)
+        return lambda logits: logits.softmax(-1)[..., t].mean(-1)
 
     return Metric(None, position, f"prob({target!r})", targets=(target,), factory=factory)
 
@@ -222,9 +223,9 @@ def kl(reference_logits: torch.Tensor, position: Positions = -1) -> Metric:
         raise ValueError(f"reference_logits must be [vocab], [seq, vocab] or [1, seq, vocab], got {tuple(ref.shape)}")
     ref_logp = ref.log_softmax(-1)
 
-    def fn(l: torch.Tensor) -> torch.Tensor:
-        r = ref_logp.to(l.device)
-        return (r.exp() * (r - l.log_softmax(-1))).sum(-1).mean(-1)
+    def fn(logits: torch.Tensor) -> torch.Tensor:
+        r = ref_logp.to(logits.device)
+        return (r.exp() * (r - logits.log_softmax(-1))).sum(-1).mean(-1)
 
     return Metric(fn, positions, "kl")
 

@@ -12,7 +12,8 @@ decode ``&quot;`` and would show it literally; a test reads the rendered text in
 from __future__ import annotations
 
 import html
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -91,7 +92,7 @@ def heatmap(z: Any, x_labels: Sequence[str] | None = None, y_labels: Sequence[st
     return fig
 
 
-def line(ys: dict[str, Sequence[float]], x: Sequence | None = None, *, title: str = "", x_title: str = "",
+def line(ys: Mapping[str, Any], x: Sequence | None = None, *, title: str = "", x_title: str = "",
          y_title: str = "", log_y: bool = False) -> go.Figure:
     """One line per entry of ``ys`` (legend names escaped).
 
@@ -99,8 +100,8 @@ def line(ys: dict[str, Sequence[float]], x: Sequence | None = None, *, title: st
     'p'
     """
     fig = go.Figure()
-    for name, values in ys.items():
-        values = _array(values)
+    for name, raw in ys.items():
+        values = _array(raw)
         fig.add_trace(go.Scatter(x=list(x) if x is not None else list(range(len(values))), y=values,
                                  mode="lines+markers", name=escape_token(name)))
     fig.update_layout(title=title, template="plotly_white", xaxis_title=x_title, yaxis_title=y_title)

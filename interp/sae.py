@@ -21,8 +21,9 @@ torch.Size([1, 3, 64])
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ class JumpReLUSAE(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def random(cls, d_in: int, d_sae: int, site: str | None = None, seed: int = 0) -> "JumpReLUSAE":
+    def random(cls, d_in: int, d_sae: int, site: str | None = None, seed: int = 0) -> JumpReLUSAE:
         """Random weights (for tests and shapes; real SAEs come from :meth:`from_file`)."""
         gen = torch.Generator().manual_seed(seed)
         w_dec = torch.randn(d_sae, d_in, generator=gen)
@@ -96,7 +97,7 @@ class JumpReLUSAE(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | Path, site: str | None = None, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> "JumpReLUSAE":
+                  dtype: torch.dtype = torch.float32) -> JumpReLUSAE:
         """Load ``params.safetensors`` or ``params.npz`` (Gemma Scope layouts: keys ``w_enc``,
         ``w_dec``, ``b_enc``, ``b_dec``, ``threshold`` in any letter case). ``site`` defaults to
         the hook point named in a ``config.json`` beside the file, if there is one.
@@ -124,7 +125,7 @@ class JumpReLUSAE(nn.Module):
         return cls(**tensors, site=site)
 
     @classmethod
-    def from_hub(cls, repo_id: str, filename: str, site: str | None = None, **kwargs: Any) -> "JumpReLUSAE":
+    def from_hub(cls, repo_id: str, filename: str, site: str | None = None, **kwargs: Any) -> JumpReLUSAE:
         """Download one SAE file with huggingface_hub and load it, for example
         ``JumpReLUSAE.from_hub("google/gemma-scope-2-1b-pt",
         "resid_post_all/layer_12_width_16k_l0_big/params.safetensors", site="blocks.12.resid_post")``.
@@ -132,7 +133,8 @@ class JumpReLUSAE(nn.Module):
         try:
             from huggingface_hub import hf_hub_download
         except ImportError as e:
-            raise ImportError("loading SAEs from the hub needs huggingface_hub: pip install 'gemma3-interp[hub]'") from e
+            raise ImportError("loading SAEs from the hub needs huggingface_hub: "
+                              "pip install 'gemma3-interp[hub]'") from e
         path = Path(hf_hub_download(repo_id, filename))
         try:  # the config beside it names the hook point, when the release has one
             hf_hub_download(repo_id, str(Path(filename).with_name("config.json")))

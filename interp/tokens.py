@@ -2,7 +2,8 @@
 prompt at a time, and the one shape every ``top()`` returns.
 
 >>> from interp.model import Gemma3, Gemma3Config
->>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1, n_kv_heads=1, d_head=8, vocab_size=9))
+>>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1, n_kv_heads=1, d_head=8,
+...                                     vocab_size=9))
 >>> token_id(m, 4), str_tokens(m, [2, 5])
 (4, ['2', '5'])
 """
@@ -10,11 +11,12 @@ prompt at a time, and the one shape every ``top()`` returns.
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
-Target = Union[str, int]
+Target = str | int
 """A token given as text (``" Paris"``: its first token without BOS) or as an id."""
 
 
@@ -29,7 +31,7 @@ class Top(NamedTuple):
     'L5H1'
     """
 
-    index: tuple[int, ...]
+    index: tuple[int, ...]  # type: ignore[assignment]  # (shadows tuple.index, as namedtuples allow)
     value: float
     label: str
 

@@ -14,7 +14,7 @@ stacks it per stage; ``run_with_cache`` returns one.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -172,9 +173,13 @@ def state_dict_source(state: dict[str, Any], origin: str = "the checkpoint") -> 
         if ours is None or not isinstance(tensor, torch.Tensor):
             source.ignored.append(key)
             continue
-        source.shapes[ours], source.loaders[ours] = tuple(tensor.shape), (lambda t=tensor: t)
+        source.shapes[ours], source.loaders[ours] = tuple(tensor.shape), _constant(tensor)
         source.dtypes[ours] = _TORCH_FLOAT.get(tensor.dtype, str(tensor.dtype).removeprefix("torch."))
     return source
+
+
+def _constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: tensor
 
 
 def split_fused_qkv(state: dict[str, torch.Tensor], cfg: Gemma3Config) -> dict[str, torch.Tensor]:

@@ -27,8 +27,8 @@ class ConfigError(ValueError):
 def default_layer_types(n_layers: int, pattern: int = 6) -> tuple[str, ...]:
     """Gemma 3's layout: layer i is global when (i + 1) % pattern == 0, else sliding-window.
 
-    >>> default_layer_types(7)
-    ('sliding_attention', 'sliding_attention', 'sliding_attention', 'sliding_attention', 'sliding_attention', 'full_attention', 'sliding_attention')
+    >>> [t[0] for t in default_layer_types(7)]  # s = sliding_attention, f = full_attention
+    ['s', 's', 's', 's', 's', 'f', 's']
     """
     return tuple(GLOBAL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers))
 
@@ -42,7 +42,7 @@ LIMITS: dict[str, int] = {
 }
 
 
-def validate(cfg: "Gemma3Config") -> None:
+def validate(cfg: Gemma3Config) -> None:
     """Check every field (type, sign, bounds, consistency) and fill ``layer_types``; raises a
     :class:`ConfigError` that names the field. Sizes are checked before ``layer_types`` (one
     entry per layer) is built."""
@@ -129,7 +129,7 @@ class Gemma3Config:
         """True when ``layer`` attends to every earlier token, False for a sliding-window layer."""
         return self.layer_types[layer] == GLOBAL
 
-    def replace(self, **changes: Any) -> "Gemma3Config":
+    def replace(self, **changes: Any) -> Gemma3Config:
         """A copy with some fields changed (``layer_types`` recomputed if ``n_layers`` changes).
 
         >>> Gemma3Config.preset("1b").replace(n_layers=6).layer_types[-1]
@@ -147,7 +147,7 @@ class Gemma3Config:
 
     # ------------------------------------------------------------------ Hugging Face
     @classmethod
-    def from_hf(cls, hf: dict[str, Any] | str | os.PathLike) -> "Gemma3Config":
+    def from_hf(cls, hf: dict[str, Any] | str | os.PathLike) -> Gemma3Config:
         """Read a Hugging Face ``config.json`` (a dict, a file, or a directory holding one);
         see :func:`interp.model.hf_config.config_from_hf`.
 
@@ -185,7 +185,7 @@ class Gemma3Config:
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def preset(cls, name: str) -> "Gemma3Config":
+    def preset(cls, name: str) -> Gemma3Config:
         """The released text-decoder shapes: ``270m``, ``1b``, ``4b``, ``12b``, ``27b``.
 
         >>> Gemma3Config.preset("27b").attn_scale == 168 ** -0.5

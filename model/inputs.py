@@ -7,14 +7,15 @@ bounds out of range) is an :class:`InputError` that says what to pass instead.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..hooks.positions import resolve_positions
 from .config import Gemma3Config
 
-Prompt = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]], torch.Tensor]
+Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 """Text, a batch of texts (padded for you), token ids ``[seq]`` or ``[batch, seq]``."""
 
 

@@ -48,7 +48,8 @@ def rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def rope_tables(positions: torch.Tensor, d_head: int, base: float, factor: float, dtype: torch.dtype):
+def rope_tables(positions: torch.Tensor, d_head: int, base: float, factor: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``[batch, seq, 1, d_head]`` for rotate-half RoPE (linear scaling by ``factor``).
 
     >>> cos, sin = rope_tables(torch.arange(3)[None], 4, 10_000.0, 1.0, torch.float32)

@@ -20,8 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, TensorSource, check_fits, check_layer_count, check_source, inside,
-                         layer_count, safetensors_source, split_fused_qkv, state_dict_source)
+from .checkpoint import (
+    CheckpointError,
+    TensorSource,
+    check_fits,
+    check_layer_count,
+    check_source,
+    inside,
+    layer_count,
+    safetensors_source,
+    split_fused_qkv,
+    state_dict_source,
+)
 from .config import ConfigError, Gemma3Config
 from .hf_config import config_from_hf, read_config_json
 

@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..hooks import HookSpec, NameSpec, Site, backward_hook, caching_hook, hook_pairs, is_exact, seq_indices
+from ..hooks import (
+    HookRegistry,
+    HookSpec,
+    NameSpec,
+    Site,
+    backward_hook,
+    caching_hook,
+    hook_pairs,
+    is_exact,
+    seq_indices,
+)
 from .cache import Gemma3Cache
+from .config import Gemma3Config
 from .inputs import check_layers, is_resid
 from .sites import HEAVY_KINDS, kind_of, site_shape
-
-if TYPE_CHECKING:
-    from .gemma3 import Gemma3
 
 
 class CacheTooLargeError(MemoryError):
@@ -54,18 +63,32 @@ def available_memory(device: str | torch.device) -> int | None:
 class RunsMixin:
     """``run_with_hooks``, ``run_with_cache``, ``run_with_grads`` and cache estimates."""
 
-    def run_with_hooks(self: "Gemma3", prompt: Any, hooks: HookSpec, **kwargs: Any) -> torch.Tensor:
+    cfg: Gemma3Config
+    registry: HookRegistry
+
+    if TYPE_CHECKING:  # provided by Gemma3
+        @property
+        def dtype(self) -> torch.dtype: ...
+        @property
+        def device(self) -> torch.device: ...
+        def __call__(self, prompt: Any, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+        def to_tokens(self, prompt: Any, attention_mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+        def reaches(self, name: str, start_at_layer: int = 0, stop: int | None = None, from_resid: bool = False,
+                    to_logits: bool = True) -> bool: ...
+
+    def run_with_hooks(self, prompt: Any, hooks: HookSpec, **kwargs: Any) -> torch.Tensor:
         """``forward`` with ``hooks`` active for this call only (see :meth:`Gemma3.hooks`)."""
         with self.registry.scope(hooks):
             return self(prompt, **kwargs)
 
-    def backward_hooks(self: "Gemma3", hooks: HookSpec) -> Any:
+    def backward_hooks(self, hooks: HookSpec) -> Any:
         """Hooks on gradients, by site name: ``fn(grad, site) -> Tensor | None`` runs when the
         gradient flows back into the site (return a tensor to replace it). A context manager."""
         return self.registry.scope([(spec, backward_hook(fn)) for spec, fn in hook_pairs(hooks)])
 
     # ------------------------------------------------------------------ which sites a run fires
-    def _run_names(self: "Gemma3", names: NameSpec, prompt: Any, kwargs: dict[str, Any]) -> list[str]:
+    def _run_names(self, names: NameSpec, prompt: Any, kwargs: dict[str, Any]) -> list[str]:
         """The sites of ``names`` that a run with ``kwargs`` computes. ``None`` means every site
         it computes; an exact name it does not compute is an error, a glob warns about those."""
         from .gemma3 import UnreachableSiteError
@@ -89,7 +112,7 @@ class RunsMixin:
         return reach
 
     # ------------------------------------------------------------------ caches
-    def run_with_cache(self: "Gemma3", prompt: Any, names: NameSpec = None, *, device: str | torch.device | None = None,
+    def run_with_cache(self, prompt: Any, names: NameSpec = None, *, device: str | torch.device | None = None,
                        dtype: torch.dtype | None = None, positions: Any = None, max_bytes: int | None = None,
                        hooks: HookSpec = None, **kwargs: Any) -> tuple[torch.Tensor, Gemma3Cache]:
         """Logits (or the residual, for ``stop_at_layer``) and a :class:`~interp.model.cache.Gemma3Cache`
@@ -117,7 +140,7 @@ class RunsMixin:
         out = self.run_with_hooks(prompt, pairs, **kwargs)
         return out, Gemma3Cache({n: store[n] for n in cache_names if n in store})
 
-    def run_with_grads(self: "Gemma3", prompt: Any, metric: Callable[[torch.Tensor], torch.Tensor],
+    def run_with_grads(self, prompt: Any, metric: Callable[[torch.Tensor], torch.Tensor],
                        names: NameSpec = None, *, hooks: HookSpec = None,
                        **kwargs: Any) -> tuple[torch.Tensor, Gemma3Cache, Gemma3Cache]:
         """Logits, activations and gradients of ``metric(logits)`` (a scalar) at each named site.
@@ -154,7 +177,7 @@ class RunsMixin:
         return (logits.detach(), Gemma3Cache({n: store[n].detach() for n in present}), Gemma3Cache(grad_cache))
 
     # ------------------------------------------------------------------ sizes
-    def site_shape(self: "Gemma3", name: str, batch: int, seq: int, keys: int | None = None) -> tuple[int, ...]:
+    def site_shape(self, name: str, batch: int, seq: int, keys: int | None = None) -> tuple[int, ...]:
         """The shape site ``name`` has for ``batch`` x ``seq`` tokens (``keys`` attended keys).
 
         >>> from interp.model import Gemma3, Gemma3Config
@@ -165,7 +188,7 @@ class RunsMixin:
         """
         return site_shape(self.cfg, self.registry.resolve(name)[0], batch, seq, keys)
 
-    def estimate_cache_bytes(self: "Gemma3", names: NameSpec, batch: int, seq: int, dtype: torch.dtype | None = None,
+    def estimate_cache_bytes(self, names: NameSpec, batch: int, seq: int, dtype: torch.dtype | None = None,
                              positions: Any = None) -> int:
         """Bytes a ``run_with_cache`` of ``names`` would hold, computed before running.
 
@@ -180,7 +203,7 @@ class RunsMixin:
         total = sum(math.prod(site_shape(self.cfg, n, batch, kept, keys=seq)) for n in self.registry.resolve(names))
         return total * size
 
-    def _check_cache_fits(self: "Gemma3", prompt: Any, names: list[str], device: Any, dtype: torch.dtype | None,
+    def _check_cache_fits(self, prompt: Any, names: list[str], device: Any, dtype: torch.dtype | None,
                           positions: Any, max_bytes: int | None, kwargs: dict[str, Any]) -> None:
         if kwargs.get("start_at_layer") or is_resid(prompt):
             batch, seq = prompt.shape[:2]

@@ -106,7 +106,7 @@ def kind_of(name: str) -> SiteKind:
     return BY_KIND[kind]
 
 
-def site_names(cfg: "Gemma3Config") -> list[str]:
+def site_names(cfg: Gemma3Config) -> list[str]:
     """Every site name of a model with this configuration, in the order they fire.
 
     >>> from interp.model.config import Gemma3Config
@@ -118,7 +118,7 @@ def site_names(cfg: "Gemma3Config") -> list[str]:
     return head + [s.name(i) for i in range(cfg.n_layers) for s in SITES if s.per_layer] + tail
 
 
-def hf_aliases(cfg: "Gemma3Config") -> dict[str, str]:
+def hf_aliases(cfg: Gemma3Config) -> dict[str, str]:
     """Hugging Face module paths (as Gemma Scope 2 names them) that mean one of our sites.
 
     A module's *output* unless the path ends in ``.input`` (that module's input): e.g.
@@ -141,7 +141,7 @@ def hf_aliases(cfg: "Gemma3Config") -> dict[str, str]:
     return out
 
 
-def site_info(cfg: "Gemma3Config") -> dict[str, dict[str, int]]:
+def site_info(cfg: Gemma3Config) -> dict[str, dict[str, int]]:
     """Per-site :class:`~interp.hooks.Site` fields: ``seq_axis``, ``head_axis``, ``kv_group``."""
     out: dict[str, dict[str, int]] = {}
     for s in SITES:
@@ -154,7 +154,7 @@ def site_info(cfg: "Gemma3Config") -> dict[str, dict[str, int]]:
     return out
 
 
-def site_shape(cfg: "Gemma3Config", name: str, batch: int, seq: int, keys: int | None = None) -> tuple[int, ...]:
+def site_shape(cfg: Gemma3Config, name: str, batch: int, seq: int, keys: int | None = None) -> tuple[int, ...]:
     """The shape site ``name`` has for ``batch`` x ``seq`` tokens (``keys`` attended keys, default ``seq``)."""
     sizes = {"b": batch, "s": seq, "k": seq if keys is None else keys, "d": cfg.d_model, "h": cfg.n_heads,
              "kv": cfg.n_kv_heads, "hd": cfg.d_head, "f": cfg.d_mlp, "v": cfg.vocab_size}

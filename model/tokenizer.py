@@ -51,7 +51,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_bytes(cls, model_proto: bytes) -> "Tokenizer":
+    def from_bytes(cls, model_proto: bytes) -> Tokenizer:
         """Load from the bytes of a SentencePiece ``tokenizer.model``.
 
         >>> tok = Tokenizer.from_bytes(read_gguf(path).tokenizer_model)   # doctest: +SKIP
@@ -66,7 +66,7 @@ class Tokenizer:
             raise TokenizerError(f"these bytes are not a valid SentencePiece model ({e})") from None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a SentencePiece ``tokenizer.model`` file (or a directory containing one).
 
         >>> tok = Tokenizer.from_file(demo_dir())                          # doctest: +SKIP
@@ -209,7 +209,7 @@ class Tokenizer:
         if not messages:
             raise TokenizerError("apply_chat_template() got no messages; pass at least one user message")
         for i, m in enumerate(messages):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise TokenizerTypeError(f"messages[{i}] must be a dict with str 'role' and 'content', got {m!r}")
             if m["role"] not in _ROLES:
                 raise TokenizerError(f"messages[{i}] has role {m['role']!r}; use one of {list(_ROLES)}")

@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests mirror the packages: ``tests/model``, ``tests/hooks``, ``tests/interp``.
+"""Shared fixtures. Tests mirror the packages: ``tests/model``, ``tests/hooks``, and ``tests/analysis`` for ``interp``
+(a folder named ``interp`` on ``sys.path`` would shadow the package).
 
 - ``tiny_model``: a model of ``support.TINY`` (6 layers, GQA, window 4), shared per module; tests
   that change weights build their own with ``support.make_model``.

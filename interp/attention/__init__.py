@@ -12,8 +12,16 @@ softmax, after any hooks) and caches nothing else.
 """
 
 from .common import random_token_range, repeated_random_tokens
-from .heads import (KINDS, AttentionDistance, HeadScores, all_head_scores, attention_distance, head_scores,
-                    score_pattern, target_mask)
+from .heads import (
+                    KINDS,
+                    AttentionDistance,
+                    HeadScores,
+                    all_head_scores,
+                    attention_distance,
+                    head_scores,
+                    score_pattern,
+                    target_mask,
+)
 from .induction import InductionLoss, ablate_heads_hooks, induction_loss
 from .patterns import PatternResult, attention_patterns
 

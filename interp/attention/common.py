@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -84,7 +85,8 @@ def layer_list(model: Gemma3, layers: int | Sequence[int] | None) -> list[int]:
 
 
 @torch.no_grad()
-def patterns_of(model: Gemma3, tokens: torch.Tensor, layers: list[int], hooks: HookSpec = None) -> dict[int, torch.Tensor]:
+def patterns_of(model: Gemma3, tokens: torch.Tensor, layers: list[int],
+                hooks: HookSpec = None) -> dict[int, torch.Tensor]:
     """``{layer: pattern [b, h, s, s]}``; runs only up to the last requested layer (hooks of
     enclosing scopes on later layers are not needed for these patterns and do not fire)."""
     names = [f"blocks.{i}.attn.pattern" for i in layers]

@@ -15,8 +15,9 @@ copy has exactly one duplicate target (``n`` back) and one induction target (``n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 import torch
@@ -115,7 +116,8 @@ class HeadScores:
         n_layers, n_heads = self.scores.shape
         text = ([[f"{float(v):.2f}" for v in row] for row in self.scores] if n_layers * n_heads <= 600 else None)
         fig = heatmap(self.scores, [f"H{h}" for h in range(n_heads)], [layer_label(self.cfg, i) for i in self.layers],
-                      title=title or f"{self.kind.replace('_', '-')} score per head" + (f" ({self.source})" if self.source else ""),
+                      title=title or (f"{self.kind.replace('_', '-')} score per head"
+                                      + (f" ({self.source})" if self.source else "")),
                       x_title="head", y_title="layer", text=text, colorscale="Blues", colorbar_title="score")
         fig.data[0].update(zmin=0.0, zmax=max(1e-9, float(self.scores.max())))
         for r, layer in enumerate(self.layers):
@@ -212,7 +214,8 @@ class AttentionDistance:
         """
         n_heads = self.distance.shape[1]
         fig = go.Figure()
-        for is_glob, name, colour in ((False, f"local (window {self.cfg.window})", "#1b9e77"), (True, "global", "#d95f02")):
+        kinds = ((False, f"local (window {self.cfg.window})", "#1b9e77"), (True, "global", "#d95f02"))
+        for is_glob, name, colour in kinds:
             xs, ys = [], []
             for r, layer in enumerate(self.layers):
                 if self.is_global[r] == is_glob:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -42,7 +42,7 @@ class InductionLoss:
     def __repr__(self) -> str:
         return f"InductionLoss(first copy {self.first:.3f}, second copy {self.second:.3f}, n={self.seq_len})"
 
-    def plot(self, others: Mapping[str, "InductionLoss"] | None = None, title: str = "") -> go.Figure:
+    def plot(self, others: Mapping[str, InductionLoss] | None = None, title: str = "") -> go.Figure:
         """Mean loss per position (target index), optionally against other runs (e.g. ablations).
 
         >>> InductionLoss(torch.ones(2, 6), 3).plot({"ablated": InductionLoss(torch.zeros(2, 6), 3)}).data[1].name
@@ -69,11 +69,10 @@ def ablate_heads_hooks(model: Gemma3, heads: Sequence[tuple[int, int] | Top]) ->
     by_layer: dict[int, list[int]] = {}
     cfg = model.cfg
     for item in heads:
-        if isinstance(item, Top):  # e.g. head_scores(...).top(2)
-            item = item.index
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        pair = item.index if isinstance(item, Top) else item  # Top: e.g. head_scores(...).top(2)
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise TypeError(f"heads are (layer, head) pairs, got {item!r}")
-        layer, head = int(item[0]), int(item[1])
+        layer, head = int(pair[0]), int(pair[1])
         if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
             raise IndexError(f"head ({layer}, {head}) is outside {cfg.n_layers} layers x {cfg.n_heads} heads")
         by_layer.setdefault(layer, []).append(head)

@@ -10,8 +10,9 @@ torch.Size([2, 3, 3])
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 import torch

@@ -51,8 +51,8 @@ loop of one patched forward per experiment to fp32 rounding (``tests/test_patchi
 (0.0, 1.0)
 """
 
-from .pair import PromptPair, make_result, prepare_pair
 from .experiments import POSITION_SITES, SWEEPS, Experiment, check_sites, effective, merge_starts, plan, site_of
+from .pair import PromptPair, make_result, prepare_pair
 from .result import Comparison, PatchingResult, compare
 from .sweep import patch_sweep, patch_sweeps, run_wavefront
 

@@ -11,8 +11,9 @@ are not run; the others are grouped by the first position they change (:func:`ef
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -93,7 +94,7 @@ def default_max_bytes(model: Gemma3) -> int:
     return free // 2 if free else 2 << 30
 
 
-def effective(pair: "PromptPair", e: Experiment) -> Experiment | None:
+def effective(pair: PromptPair, e: Experiment) -> Experiment | None:
     """``e`` with its first position where the patch changes anything, or None when it changes
     nothing the metric reads: a patch after the last metric position, or of a clean value equal
     to the corrupt one (every site before the first token where the prompts differ). Positions

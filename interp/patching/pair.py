@@ -7,15 +7,17 @@ Activation patching (:mod:`interp.patching.sweep`) and attribution patching
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 
 from ..hooks import NonFiniteError
+from ..metrics import Metric, as_metric
 from ..model import Gemma3
 from ..model.finite import check_finite
-from ..metrics import Metric, as_metric
 from ..tokens import str_tokens
 from .experiments import SWEEPS
 from .result import PatchingResult
@@ -99,7 +101,7 @@ def prepare_pair(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Calla
         corrupt_logits = to_logits(out)
         for ids, logits, which in ((clean_ids, clean_logits, "clean"), (corrupt_ids, corrupt_logits, "corrupt")):
             check_finite(logits, f"the {which} run's logits",
-                         lambda ids=ids: model.run_with_cache(ids, list(clean_names), max_bytes=big, **kwargs))
+                         partial(model.run_with_cache, ids, list(clean_names), max_bytes=big, **kwargs))
         clean_value = float(metric.from_selected(clean_logits, seq, few)[0])
         corrupt_value = float(metric.from_selected(corrupt_logits, seq, few)[0])
     if not (math.isfinite(clean_value) and math.isfinite(corrupt_value)):

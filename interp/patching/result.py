@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 import torch
@@ -149,7 +150,7 @@ class Comparison:
         cols = 3 if scatter else 2
         fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.08,
                             subplot_titles=[self.actual.method, self.estimate.method, "estimate vs actual"][:cols])
-        bound = float(max(self.actual.values.abs().max(), self.estimate.values.abs().max(), 1e-12))
+        bound = max(float(self.actual.values.abs().max()), float(self.estimate.values.abs().max()), 1e-12)
         for col, result in ((1, self.actual), (2, self.estimate)):
             single = result.plot()
             trace = single.data[0]

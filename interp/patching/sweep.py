@@ -5,7 +5,8 @@ See :mod:`interp.patching` for what a sweep measures and why this is fast.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -13,9 +14,20 @@ from ..hooks import NonFiniteError, Site, partial_run
 from ..metrics import Metric
 from ..model import Gemma3, KVPrefix
 from ..progress import progress_bar
+from .experiments import (
+    MERGE_TOKEN_ROWS,
+    POSITION_SITES,
+    SWEEPS,
+    Experiment,
+    check_sites,
+    default_max_bytes,
+    effective,
+    merge_starts,
+    plan,
+    row_bytes,
+    site_of,
+)
 from .pair import PromptPair, make_result, prepare_pair
-from .experiments import (MERGE_TOKEN_ROWS, POSITION_SITES, SWEEPS, Experiment, check_sites, default_max_bytes, effective,
-                   merge_starts, plan, row_bytes, site_of)
 from .result import PatchingResult
 
 
@@ -77,7 +89,7 @@ def run_wavefront(model: Gemma3, pair: PromptPair, start: int, experiments: Sequ
     rows, i = 0, 0
     with partial_run():  # one layer at a time: hooks of enclosing scopes fire in the layer that has them
         for layer in range(experiments[0].layer, n_layers):
-            joining = []
+            joining: list[tuple[int, Experiment]] = []
             while i < len(experiments) and experiments[i].layer == layer:
                 joining.append((rows + len(joining), experiments[i]))
                 i += 1
@@ -183,7 +195,8 @@ def patch_sweeps(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Calla
     """:func:`patch_sweep` of several sweeps at once (computed in the same batches):
     ``{sweep name: PatchingResult}``.
 
-    >>> rs = patch_sweeps(model, clean, corrupt, logit_diff(" Paris", " Rome"), ["resid_pre", "attn.z"])  # doctest: +SKIP
+    >>> rs = patch_sweeps(model, clean, corrupt, logit_diff(" Paris", " Rome"),
+    ...                   ["resid_pre", "attn.z"])  # doctest: +SKIP
     >>> rs["attn.z"].plot()  # doctest: +SKIP
     """
     if isinstance(sites, str):

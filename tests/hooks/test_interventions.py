@@ -12,11 +12,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import TINY
 
 from interp.hooks import ActivationCache, Site, caching_hook
 from interp.hooks.interventions import add, mean_ablate, patch, resample_ablate, selection_mask, zero_ablate
-from support import TINY
-from interp.model import Gemma3, Gemma3Config, KVPrefix
+from interp.model import Gemma3, KVPrefix
 
 CFG = TINY
 SEQ = 6
@@ -72,7 +72,8 @@ def test_identity_hooks_change_nothing(model, toks, names):
     everything, _ = model.run_with_cache(toks)
     assert torch.equal(model.run_with_hooks(toks, {n: (lambda x, site: x) for n in names}), everything)
     # empty selections and scale=0 are identities too
-    empty = [zero_ablate(rows=[]), zero_ablate(positions=[]), patch(torch.zeros(1, SEQ, CFG.d_model), positions=slice(SEQ + 5, None)),
+    empty = [zero_ablate(rows=[]), zero_ablate(positions=[]),
+             patch(torch.zeros(1, SEQ, CFG.d_model), positions=slice(SEQ + 5, None)),
              add(torch.ones(CFG.d_model), scale=0.0)]
     for hook in empty:
         with model.hooks({"blocks.*.resid_pre": hook}):

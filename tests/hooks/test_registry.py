@@ -3,6 +3,8 @@ identity and replacing hooks, and what a hook is told (Site)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -269,7 +271,7 @@ def test_any_exception_type_leaves_no_hooks(model, ids, clean, entry, exc):
 
 
 def test_failing_cache_storage_leaves_no_hooks(model, ids, clean):
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="no_such_device"):
         model.run_with_cache(ids, names="blocks.*.resid_post", device="no_such_device")
     assert model.registry.active == {}
     assert torch.equal(model(ids), clean)
@@ -506,7 +508,7 @@ def test_site_positions_count_real_tokens_under_left_padding(model, ids):
 
 def test_site_is_immutable():
     site = Site("blocks.1.attn.z", 1, None)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         site.name = "x"
 
 

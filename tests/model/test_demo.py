@@ -9,7 +9,6 @@ import types
 import pytest
 import torch
 
-import interp.model.demo as demo
 import interp.model.gguf as gguf_module
 from interp.model.config import Gemma3Config
 from interp.model.demo import DEMO_FILES, DemoUnavailableError, cache_root, demo_dir, demo_gguf_path

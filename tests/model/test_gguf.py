@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import sys
 
+import gguf  # noqa: E402,F401  (the demo extra; a dev dependency, never skipped)
 import numpy as np
 import pytest
 import torch
 
 from interp.model.config import Gemma3Config
 from interp.model.gguf import (
-    INSTALL_HINT, GGUFCheckpoint, GGUFDependencyError, GGUFError, hf_name, read_gguf, write_hf_dir,
+    INSTALL_HINT,
+    GGUFCheckpoint,
+    GGUFDependencyError,
+    GGUFError,
+    hf_name,
+    read_gguf,
+    write_hf_dir,
 )
 from interp.model.tokenizer import Tokenizer
-
-import gguf  # noqa: E402,F401  (the demo extra; a dev dependency, never skipped)
 
 TINY = Gemma3Config(n_layers=2, d_model=32, d_mlp=64, n_heads=2, n_kv_heads=1, d_head=8,
                     vocab_size=300, window=4, max_positions=64, query_pre_attn_scalar=8.0)

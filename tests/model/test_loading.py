@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: F401  (the reference implementation; a dev dependency, never skipped)
+from hf_reference import hf_logits, hf_state_dict, save_hf_checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from interp.model import ConfigError, Gemma3, Gemma3Config
 from interp.model.config import GLOBAL, SLIDING
 from interp.model.loading import CheckpointError
-import transformers  # noqa: F401  (the reference implementation; a dev dependency, never skipped)
-
-from hf_reference import hf_logits, hf_state_dict, save_hf_checkpoint
 
 CFG = Gemma3Config(n_layers=3, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=16,
                    vocab_size=300, window=4, rope_global_factor=8.0,
@@ -333,7 +332,7 @@ def test_hub_failure_gives_advice(monkeypatch, tmp_path):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(Exception, match="HF_TOKEN") as info:
+    with pytest.raises(RuntimeError, match="HF_TOKEN") as info:
         Gemma3.from_pretrained("google/gemma-3-1b-pt")
     assert "google/gemma-3-1b-pt" in str(info.value)
 

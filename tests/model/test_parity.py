@@ -16,14 +16,13 @@ well away from uniform) so that every feature moves the logits by far more than 
 from __future__ import annotations
 
 import pytest
+import support
 import torch
+import transformers  # noqa: F401  (the reference implementation; a dev dependency, never skipped)
+from hf_reference import hf_logits, hf_model_from
 
 from interp.model import Gemma3, Gemma3Config
 from interp.model.config import GLOBAL, SLIDING
-import transformers  # noqa: F401  (the reference implementation; a dev dependency, never skipped)
-
-import support
-from hf_reference import hf_logits, hf_model_from
 
 ATOL = 1e-4  # the assertion; fp32 rounding typically gives ~1e-6 at these sizes
 SEQ = 13  # longer than every window below, so sliding layers really slide

@@ -60,14 +60,14 @@ def test_gradients_match_autograd_by_hand(m):
 
 
 def test_gradients_of_positions_after_the_metric_are_zero(m):
-    _, _, grads = m.run_with_grads(IDS, lambda l: l[0, 4, 3], "blocks.1.resid_post")
+    _, _, grads = m.run_with_grads(IDS, lambda logits: logits[0, 4, 3], "blocks.1.resid_post")
     g = grads["blocks.1.resid_post"][0]
     assert g[5:].abs().max() == 0 and g[:5].abs().max() > 0  # causal: later tokens cannot matter
 
 
 def test_metric_must_be_a_scalar(m):
     with pytest.raises(ValueError, match="scalar"):
-        m.run_with_grads(IDS, lambda l: l[0, -1], "embed")
+        m.run_with_grads(IDS, lambda logits: logits[0, -1], "embed")
 
 
 def test_backward_hooks_see_and_replace_gradients(m):

@@ -13,16 +13,14 @@ from __future__ import annotations
 import sys
 
 import pytest
+import support
 import torch
 
-import support
-
 import interp.patching as patching
-import interp.patching.experiments
 from interp.metrics import kl, logit_diff, prob
-from interp.patching import SWEEPS, Experiment, compare, patch_sweep, patch_sweeps, plan, site_of
 from interp.model import Gemma3, Gemma3Config
 from interp.model.config import GLOBAL, SLIDING
+from interp.patching import SWEEPS, Experiment, compare, patch_sweep, patch_sweeps, plan, site_of
 
 ALL_SWEEPS = tuple(SWEEPS)
 

@@ -7,11 +7,11 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from interp.dla import DLAResult, direct_logit_attribution
-from interp.model import Gemma3, Gemma3Config
-
 # grouped-query (4 query heads on 2 kv heads), 7 tokens > window 4, one global layer (5)
 from support import SCRIPT, TINY, FakeTokenizer
+
+from interp.dla import DLAResult, direct_logit_attribution
+from interp.model import Gemma3
 
 CFG = TINY
 IDS = torch.tensor([[2, 17, 5, 9, 7, 33, 41]])

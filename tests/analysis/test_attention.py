@@ -8,14 +8,26 @@ The demo model (Gemma 3 270M) checks that induction heads exist and are few.
 
 from __future__ import annotations
 
-import pytest
 import plotly.graph_objects as go
+import pytest
 import torch
-
-from interp.attention import (KINDS, AttentionDistance, HeadScores, InductionLoss, PatternResult,
-                              ablate_heads_hooks, all_head_scores, attention_distance, attention_patterns, head_scores,
-                              induction_loss, repeated_random_tokens, target_mask)
 from support import TINY
+
+from interp.attention import (
+    KINDS,
+    AttentionDistance,
+    HeadScores,
+    InductionLoss,
+    PatternResult,
+    ablate_heads_hooks,
+    all_head_scores,
+    attention_distance,
+    attention_patterns,
+    head_scores,
+    induction_loss,
+    repeated_random_tokens,
+    target_mask,
+)
 from interp.model import Gemma3, Gemma3Config
 
 CFG = TINY
@@ -145,7 +157,8 @@ def test_forced_pattern_scores_one(model, kind):
     assert res[2, 1] == pytest.approx(1.0, abs=1e-6)
     assert res[5, 3] == pytest.approx(1.0, abs=1e-6)
     if kind != "bos":  # random heads do not put all their attention on one target (they may on BOS)
-        others = [res[layer, h] for layer in range(CFG.n_layers) for h in range(4) if (layer, h) not in ((2, 1), (5, 3))]
+        others = [res[layer, h] for layer in range(CFG.n_layers) for h in range(4)
+                  if (layer, h) not in ((2, 1), (5, 3))]
         assert max(others) < 0.99
         assert {t.index for t in res.top(2)} == {(2, 1), (5, 3)}
     # the same through the hooks= argument
@@ -282,7 +295,8 @@ def test_induction_loss_by_hand_and_ablation(model):
     assert not torch.allclose(ablated.per_token, res.per_token)
     via_hooks = induction_loss(model, seq_len=N, batch=2, seed=1, hooks=ablate_heads_hooks(model, [(5, 0), (5, 3)]))
     torch.testing.assert_close(via_hooks.per_token, ablated.per_token)
-    assert [name for name, _ in ablate_heads_hooks(model, [(5, 3), (1, 0), (5, 0)])] == ["blocks.1.attn.z", "blocks.5.attn.z"]
+    names = [name for name, _ in ablate_heads_hooks(model, [(5, 3), (1, 0), (5, 0)])]
+    assert names == ["blocks.1.attn.z", "blocks.5.attn.z"]
     fig = res.plot({"ablated L5H0, L5H3": ablated})
     assert isinstance(fig, go.Figure) and len(fig.data) == 2
 

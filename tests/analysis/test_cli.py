@@ -95,7 +95,7 @@ def test_lens_writes_offline_html(lens_run):
     assert not re.search(r"<script[^>]*\ssrc=", html)  # nothing loaded from elsewhere (no CDN)
     data, layout = figure_from_html(html)  # the figure as plotly will read it (any JSON escaping)
     assert data[0]["type"] == "heatmap"
-    assert layout["xaxis"]["ticktext"] == ["<bos>".replace("<", "&lt;").replace(">", "&gt;"), "The", "·capital",
+    assert layout["xaxis"]["ticktext"] == ["&lt;bos&gt;", "The", "·capital",
                                            "·of", "·France", "·is"]
 
 

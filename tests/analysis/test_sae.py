@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from interp.sae import JumpReLUSAE, run_with_saes, top_features
 from support import TINY
-from interp.model import Gemma3, Gemma3Config
+
+from interp.model import Gemma3
+from interp.sae import JumpReLUSAE, run_with_saes, top_features
 
 CFG = TINY
 IDS = torch.tensor([[2, 17, 5, 9, 33, 41, 7]])
@@ -72,7 +72,8 @@ def test_several_saes_and_bad_sites(m):
 @pytest.mark.parametrize("fmt", ["safetensors", "npz"])
 def test_loading_gemma_scope_layouts(tmp_path, fmt, m):
     ref = JumpReLUSAE.random(CFG.d_model, 48, seed=3)
-    params = {"W_enc": ref.w_enc, "W_dec": ref.w_dec, "b_enc": ref.b_enc, "b_dec": ref.b_dec, "threshold": ref.threshold}
+    params = {"W_enc": ref.w_enc, "W_dec": ref.w_dec, "b_enc": ref.b_enc, "b_dec": ref.b_dec,
+              "threshold": ref.threshold}
     folder = tmp_path / "layer_3_width_16k"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"hf_hook_point_in": "model.layers.3.output"}))

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_patching import CLEAN, CONFIGS, CORRUPT, FACT_CLEAN, FACT_CORRUPT, fact_metric, make_model
 
 from interp.attribution import attribution_patch, attribution_patches
 from interp.metrics import logit_diff
 from interp.patching import SWEEPS, Experiment, compare, patch_sweep, patch_sweeps, plan, site_of
-from test_patching import CLEAN, CONFIGS, CORRUPT, FACT_CLEAN, FACT_CORRUPT, fact_metric, make_model
 
 ALL_SWEEPS = tuple(SWEEPS)
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import pytest
 import torch
+from support import SCRIPT, TINY, FakeTokenizer
 
 from interp.lens import LensResult, logit_lens
+from interp.model import Gemma3
 from interp.tokens import MultiTokenWarning, layer_labels, str_tokens, token_id
-from interp.model import Gemma3, Gemma3Config
-
-from support import SCRIPT, TINY, FakeTokenizer
 
 CFG = TINY
 IDS = torch.tensor([[2, 17, 5, 9, 7, 33, 41]])  # 7 tokens > window 4; id 7 is "<script>..." below
