@@ -1,8 +1,11 @@
-"""The site-name contract of DESIGN.md: which names fire, how often, with which shapes, and the
-algebra that ties them together (residual decomposition, head and neuron sums, fused vs explicit
-attention agreeing, hooks that must not switch attention paths, the cache, HF aliases).
+"""The site-name contract (the table in ``model/sites.py``, printed in the README): which names
+fire, how often, with which shapes, and the algebra that ties them together (residual
+decomposition, head and neuron sums, fused vs explicit attention agreeing, hooks that must not
+switch attention paths, the cache, HF aliases).
 
-Everything runs a tiny random model in fp32 on the CPU.
+The expected names and shapes come from the table, and the actual ones from running the model:
+the table is the one place the contract is written (the README's copy is checked against it in
+``tests/test_readme_and_install.py``). Everything runs a tiny random model in fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -16,56 +19,31 @@ import torch.nn.functional as F
 
 from interp.hooks import ActivationCache
 from interp.model import Gemma3, Gemma3Config
+from interp.model.sites import SITES
 
 N_LAYERS, D, F_MLP, H, KV, HD, VOCAB, WINDOW = 6, 32, 64, 4, 2, 8, 100, 4
 B, S = 3, 7  # batch and sequence chosen to differ from every model dimension (S > WINDOW)
-
-# The public contract, copied from DESIGN.md ("The contract: site names"), with each name's
-# documented shape. Written out literally on purpose: this is not derived from the code.
-DOCUMENTED_BLOCK_SITES = {
-    "resid_pre": "bsd",
-    "input_norm": "bsd",
-    "attn.q": "bshe",
-    "attn.k": "bske",
-    "attn.v": "bske",
-    "attn.q_normed": "bshe",
-    "attn.k_normed": "bske",
-    "attn.q_rot": "bshe",
-    "attn.k_rot": "bske",
-    "attn.scores": "bhqk",
-    "attn.pattern": "bhqk",
-    "attn.z": "bshe",
-    "attn.head_out": "bshd",
-    "attn.out": "bsd",
-    "post_attn_norm": "bsd",
-    "resid_mid": "bsd",
-    "pre_mlp_norm": "bsd",
-    "mlp.gate": "bsf",
-    "mlp.act": "bsf",
-    "mlp.up": "bsf",
-    "mlp.hidden": "bsf",
-    "mlp.out": "bsd",
-    "post_mlp_norm": "bsd",
-    "resid_post": "bsd",
-}
-DOCUMENTED_GLOBAL_SITES = {"embed": "bsd", "final_norm": "bsd", "logits": "bsv"}
-SHAPES = {
-    "bsd": (B, S, D),
-    "bshe": (B, S, H, HD),
-    "bske": (B, S, KV, HD),
-    "bhqk": (B, H, S, S),
-    "bshd": (B, S, H, D),
-    "bsf": (B, S, F_MLP),
-    "bsv": (B, S, VOCAB),
-}
+SIZES = {"b": B, "s": S, "k": S, "d": D, "h": H, "kv": KV, "hd": HD, "f": F_MLP, "v": VOCAB}
 
 
 def documented_names(n_layers: int = N_LAYERS) -> dict[str, tuple[int, ...]]:
-    out = {name: SHAPES[kind] for name, kind in DOCUMENTED_GLOBAL_SITES.items()}
-    for i in range(n_layers):
-        for site, kind in DOCUMENTED_BLOCK_SITES.items():
-            out[f"blocks.{i}.{site}"] = SHAPES[kind]
+    """Every name of the table with its shape for this test's sizes (symbols: see model/sites.py)."""
+    out = {}
+    for site in SITES:
+        shape = tuple(SIZES[sym] for sym in site.shape)
+        for i in range(n_layers) if site.per_layer else [None]:
+            out[site.name(i)] = shape
     return out
+
+
+def test_the_table_has_every_kind_once_and_the_shapes_of_the_contract():
+    kinds = [s.kind for s in SITES]
+    assert len(kinds) == len(set(kinds)) == 27
+    assert kinds[0] == "embed" and kinds[-2:] == ["final_norm", "logits"]
+    shapes = {s.kind: "".join(s.shape) for s in SITES}
+    assert shapes["attn.q"] == "bshhd" and shapes["attn.k"] == "bskvhd" and shapes["attn.pattern"] == "bhsk"
+    assert shapes["attn.head_out"] == "bshd" and shapes["mlp.hidden"] == "bsf" and shapes["logits"] == "bsv"
+    assert {s.kind for s in SITES if s.explicit} == {"attn.scores", "attn.pattern", "attn.head_out"}
 
 
 @pytest.fixture(scope="module")
