@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import interp
+from interp.metrics import logit_diff
 
-import interp  # noqa: E402
-from interp.metrics import logit_diff  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "docs" / "images"
 
@@ -47,9 +45,8 @@ def main() -> None:
     prompt = "The capital of France is"
     snap(interp.logit_lens(m, prompt, targets=[" Paris"]).plot(), "logit_lens", height=620)
     snap(interp.head_scores(m, "induction", seq_len=50, batch=2, seed=0).plot(), "induction_heads", width=700)
-    paris, rome = (m.tokenizer.encode(t, bos=False)[0] for t in (" Paris", " Rome"))
-    result = interp.patch_sweep(m, prompt, "The capital of Italy is", logit_diff(paris, rome),
-                                sites="resid_pre", progress=False)
+    result = interp.patch_sweep(m, prompt, "The capital of Italy is", logit_diff(" Paris", " Rome"),
+                                site="resid_pre", progress=False)
     snap(result.plot(), "patching_resid_pre", width=800, height=620)
 
 

@@ -24,6 +24,7 @@ from .attention import (
     repeated_random_tokens,
 )
 from .attribution import attribution_patch, attribution_patches
+from .display import configure_notebook_renderer
 from .dla import DLAResult, direct_logit_attribution
 from .hooks import (
     ActivationCache,
@@ -43,6 +44,8 @@ from .model import Gemma3, Gemma3Cache, Gemma3Config, Generation
 from .patching import Comparison, PatchingResult, compare, patch_sweep, patch_sweeps
 from .sae import JumpReLUSAE, run_with_saes, top_features
 from .tokens import Top
+
+configure_notebook_renderer()  # inside a notebook kernel: figures also show outside a live kernel
 
 
 def load(src: str = "demo", **kwargs: Any) -> Gemma3:

@@ -1,7 +1,10 @@
-"""Every notebook runs top to bottom on the demo model (a notebook that errors fails the suite)."""
+"""Every notebook runs top to bottom on the demo model (a notebook that errors fails the suite),
+and has a rendered copy with static figures in docs/notebooks/ (for GitHub and nbconvert).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -10,6 +13,11 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+RENDERED = ROOT / "docs" / "notebooks"
+
+
+def code(nb: nbformat.NotebookNode) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "code"]
 
 
 def test_there_are_notebooks():
@@ -19,6 +27,7 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, demo_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("INTERP_PLOTLY_RENDERER", "plotly_mimetype")  # no PNGs here: 3 s each; see below
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -27,3 +36,38 @@ def test_notebook_runs_top_to_bottom(path, demo_path, monkeypatch):
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_rendered_copy_is_current_and_static(path):
+    """docs/notebooks/ holds each notebook executed, with PNG figures only (no scripts): a notebook
+    edited without ``python docs/render_notebooks.py`` fails here."""
+    source = nbformat.read(path, as_version=4)
+    rendered = nbformat.read(RENDERED / path.name, as_version=4)
+    assert code(rendered) == code(source), f"re-render {path.name}: python docs/render_notebooks.py"
+    outputs = [o for c in rendered.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    kinds = {k for o in outputs for k in o.get("data", {})}
+    assert kinds <= {"image/png", "text/plain"}, kinds
+    if ".plot(" in "".join(code(source)):
+        assert "image/png" in kinds, f"{path.name}'s figures have no static image"
+
+
+@pytest.mark.subprocess
+def test_a_kernel_gets_static_figures(tmp_path, monkeypatch):
+    """Inside a kernel, ``import interp`` picks a renderer whose output works without a kernel:
+    a PNG when kaleido and a browser are there (as in CI), else an offline HTML copy."""
+    from interp.display import find_browser
+
+    monkeypatch.delenv("INTERP_PLOTLY_RENDERER", raising=False)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import interp, plotly.io as pio\nprint(pio.renderers.default)"),
+                nbformat.v4.new_code_cell("interp.plots.heatmap([[0.0, 1.0]], ['a', 'say \"b\"'], ['L0'])")]
+    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    renderer = nb.cells[0].outputs[0]["text"].strip()
+    data = nb.cells[1].outputs[0]["data"]
+    if find_browser() is not None or os.environ.get("INTERP_REQUIRE_BROWSER"):
+        assert renderer == "plotly_mimetype+png" and "image/png" in data
+    else:
+        assert renderer == "plotly_mimetype+notebook" and "text/html" in data
+    assert "application/vnd.plotly.v1+json" in data  # still interactive in a live front end
