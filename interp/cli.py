@@ -93,8 +93,9 @@ def load_model(src: str, dtype: str = "float32", device: str = "cpu") -> Any:
         raise CLIError(f"cannot load model {src!r}: {msg}") from e
 
 
-def run_lens(args: argparse.Namespace, out: Any = sys.stdout) -> int:
+def run_lens(args: argparse.Namespace, out: Any = None) -> int:
     """``python -m interp lens``: the per-layer table, the final top-k, and the HTML plot."""
+    out = out or sys.stdout
     import warnings
 
     from .lens import logit_lens
@@ -132,8 +133,9 @@ def run_lens(args: argparse.Namespace, out: Any = sys.stdout) -> int:
     return 0
 
 
-def run_info(args: argparse.Namespace, out: Any = sys.stdout) -> int:
+def run_info(args: argparse.Namespace, out: Any = None) -> int:
     """``python -m interp info``: the configuration and the site table (names, shapes, what they are)."""
+    out = out or sys.stdout
     from .model.config import GLOBAL
     from .model.sites import SITES
 

@@ -123,3 +123,10 @@ def test_info_lists_sites(demo_path):
         assert name in text
     assert "[b, s, 640]" in text and "[b, 4, s, k]" in text and "[b, s, 2048]" in text
     assert "i = 0 .. 17" in text
+
+
+def test_a_multi_token_target_warns_and_names_the_token_used(demo_path, capsys):
+    assert main(["lens", PROMPT, "--target", " 东京", "--no-html"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: target ' 东京' is 2 tokens" in err and "using its first token ' 东'" in err
+    assert "p(' 东')" in out

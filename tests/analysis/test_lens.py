@@ -193,3 +193,22 @@ def test_demo_lens_matches_output_and_finds_paris(demo_model):
     assert lens.top_ids[-1, -1, 0] == logits.argmax()
     assert lens.target_ranks[-1, -1, 0] <= 5
     assert lens.tokens[0] == "<bos>" and len(lens.labels) == demo_model.cfg.n_layers + 1
+
+
+def test_table_aligns_wide_characters_by_display_width(tiny_tok):
+    """CJK text takes two terminal columns per character: columns line up by display width."""
+    from interp.lens import aligned, display_width
+
+    rows = [("layer", "top token", "prob"), ("L0", "'東京'", "0.500"), ("L10 (global)", "'x'", "0.250")]
+    lines = aligned(rows).splitlines()
+    for row, line in zip(rows, lines):
+        second = line.index(row[1], len(row[0]))
+        third = line.index(row[2], second + len(row[1]))
+        assert display_width(line[:second]) == display_width("L10 (global)") + 2, lines
+        assert display_width(line[:third]) == display_width("L10 (global)") + 2 + display_width("top token") + 2
+    # and the lens table uses it: a wide target name shifts every row's later columns alike
+    tiny_tok.tokenizer.vocab[40] = " 東京"
+    table = logit_lens(tiny_tok, IDS, targets=[40]).format_table().splitlines()
+    rank = display_width(table[0][: table[0].index("rank")])
+    widths = {display_width(line[: line.rstrip().rindex("  ") + 2]) for line in table[1:]}
+    assert widths == {rank}, table
