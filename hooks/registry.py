@@ -69,7 +69,10 @@ class Site:
     attention heads (None if none) and ``kv_group`` how many query heads share each head on
     that axis (>1 for keys and values under grouped-query attention). ``indices``, when set,
     lists the whole-sequence indices the sequence axis holds (a run that computes only some
-    positions, e.g. ``logits_at``), and ``length`` is then the whole sequence's length.
+    positions, e.g. ``logits_at``), and ``length`` is then the whole sequence's length. On a site
+    with a key axis (attention scores and patterns), ``key_offset`` is the whole-sequence
+    position of its first key (non-zero when earlier keys come from a cache and some fall
+    outside a sliding window).
     """
 
     name: str
@@ -82,6 +85,7 @@ class Site:
     indices: torch.Tensor | None = None
     length: int | None = None
     kind: str = ""
+    key_offset: int = 0
 
     def whole_sequence(self, local: int) -> tuple[int, torch.Tensor]:
         """``(length of the whole sequence, the whole-sequence index of each of the tensor's
@@ -197,7 +201,7 @@ class HookRun:
     """One forward pass's view of the registry: the hooks active where it started, and what
     hooks are told about positions. ``fire`` is the only method on the hot path."""
 
-    __slots__ = ("registry", "hooks", "positions", "offset", "indices", "length", "checking", "fire")
+    __slots__ = ("registry", "hooks", "positions", "offset", "indices", "length", "checking", "fire", "key_offsets")
 
     def __init__(self, registry: HookRegistry, positions: torch.Tensor | None = None, offset: int = 0):
         self.registry = registry
@@ -205,13 +209,14 @@ class HookRun:
         self.positions, self.offset = positions, offset
         self.indices: torch.Tensor | None = None
         self.length: int | None = None
+        self.key_offsets: dict[int | None, int] = {}
         self.checking = registry.check_finite or _CHECKING.get()
         self.fire: Callable[..., torch.Tensor] = self._fire_checked if self.checking else self._fire
 
     def site(self, name: str, layer: int | None) -> Site:
         """The :class:`Site` a hook on ``name`` is given now."""
         return Site(name, layer, self.positions, self.offset, indices=self.indices, length=self.length,
-                    **self.registry.info.get(name, {}))
+                    key_offset=self.key_offsets.get(layer, 0), **self.registry.info.get(name, {}))
 
     def _fire(self, name: str, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         regs = self.hooks.get(name)

@@ -26,6 +26,7 @@ from .attention import (
 from .attribution import attribution_patch, attribution_patches
 from .display import configure_notebook_renderer
 from .dla import DLAResult, direct_logit_attribution
+from .evaluation import LMLoss, lm_loss, test_prompt
 from .hooks import (
     ActivationCache,
     HookSpec,
@@ -40,7 +41,7 @@ from .hooks import (
 )
 from .lens import LensResult, logit_lens
 from .metrics import Metric, kl, logit_diff, prob
-from .model import Gemma3, Gemma3Cache, Gemma3Config, Generation
+from .model import Gemma3, Gemma3Cache, Gemma3Config, Generation, KVCache
 from .patching import Comparison, PatchingResult, compare, patch_sweep, patch_sweeps
 from .sae import JumpReLUSAE, run_with_saes, top_features
 from .tokens import Top
@@ -58,7 +59,8 @@ def load(src: str = "demo", **kwargs: Any) -> Gemma3:
 
 
 __all__ = [
-    "load", "Gemma3", "Gemma3Config", "Gemma3Cache", "Generation", "ActivationCache", "Site", "HookSpec",
+    "load", "Gemma3", "Gemma3Config", "Gemma3Cache", "Generation", "KVCache",
+    "lm_loss", "LMLoss", "test_prompt", "ActivationCache", "Site", "HookSpec",
     "NonFiniteError", "hook_pairs", "patch", "zero_ablate", "mean_ablate", "resample_ablate", "add",
     "logit_lens", "LensResult", "direct_logit_attribution", "DLAResult",
     "attention_patterns", "head_scores", "all_head_scores", "attention_distance", "induction_loss",

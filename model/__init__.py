@@ -8,14 +8,14 @@ Installed as ``interp.model``.
 from .cache import Gemma3Cache
 from .checkpoint import CheckpointError
 from .config import ConfigError, Gemma3Config
-from .context import KVPrefix
 from .gemma3 import Gemma3, UnreachableSiteError
 from .generate import Generation
 from .inputs import InputError, Prompt
+from .kvcache import KVCache
 from .runs import CacheTooLargeError
 from .sites import SITES, hf_aliases, site_names
 
 __all__ = [
     "Gemma3", "Gemma3Config", "Gemma3Cache", "Generation", "ConfigError", "CheckpointError", "InputError",
-    "UnreachableSiteError", "CacheTooLargeError", "KVPrefix", "Prompt", "SITES", "site_names", "hf_aliases",
+    "UnreachableSiteError", "CacheTooLargeError", "KVCache", "Prompt", "SITES", "site_names", "hf_aliases",
 ]

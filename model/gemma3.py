@@ -22,9 +22,10 @@ from torch import nn
 from ..hooks import HookRegistry, HookSpec, SiteNames, in_partial_run
 from ..hooks.registry import Registration
 from .config import GLOBAL, SLIDING, Gemma3Config
-from .context import ForwardContext, KVPrefix
+from .context import ForwardContext
 from .generate import GenerateMixin
 from .inputs import InputError, Prompt, check_layers, check_mask, check_resid, is_resid, select_positions, to_ids
+from .kvcache import KVCache
 from .layers import Block, RMSNorm, embed_scale, rope_tables
 from .runs import RunsMixin
 from .sites import LAYER_FORMAT, hf_aliases, site_info, site_names
@@ -150,8 +151,8 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, prompt: Prompt, attention_mask: torch.Tensor | None = None, *, start_at_layer: int = 0,
-                stop_at_layer: int | None = None, logits_at: Any = None, prefix: KVPrefix | None = None,
-                kv_out: dict | None = None) -> torch.Tensor:
+                stop_at_layer: int | None = None, logits_at: Any = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` for text, texts (padded for you) or token ids.
 
         With padding (a list of texts, or ``attention_mask``), positions count real tokens
@@ -162,9 +163,12 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         ``start_at_layer=0`` is taken as the embedding output); ``stop_at_layer=L`` returns the
         residual entering layer L instead of logits. ``logits_at`` (positions, or a ``[batch, k]``
         LongTensor per row) computes the final norm and logits only there: ``[batch, k, vocab]``.
-        ``prefix`` (a :class:`KVPrefix`) supplies the keys and values of earlier tokens so only
-        the new ones are computed (``attention_mask`` then covers prefix and new tokens);
-        ``kv_out``, a dict, receives every layer's keys and values (``KVPrefix.from_kv``).
+
+        ``kv_cache`` (a :class:`~interp.model.kvcache.KVCache`) holds the keys and values of
+        earlier tokens, so only the new ones are computed; ``attention_mask`` then covers the held
+        and the new tokens (default: the cache's own padding mask, new tokens all real). A growing
+        cache (``KVCache.empty``) also stores the new tokens; it needs a whole run (no
+        ``start_at_layer``/``stop_at_layer``).
 
         A hook that names a site this run does not reach (a layer after ``stop_at_layer``,
         ``logits`` of a run that stops early) is an :class:`UnreachableSiteError`; hooks placed by
@@ -178,30 +182,36 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         """
         cfg = self.cfg
         stop = check_layers(cfg, start_at_layer, stop_at_layer)
-        offset = prefix.length if prefix is not None else 0
+        offset = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and kv_cache.growing and (start_at_layer or stop_at_layer is not None):
+            raise InputError("a growing KVCache stores every layer's keys: run the whole model with it "
+                             "(no start_at_layer/stop_at_layer), or use a frozen one (KVCache.from_cache)")
         from_resid = start_at_layer > 0 or is_resid(prompt)
         if from_resid:
             check_resid(cfg, prompt, start_at_layer)
             h = prompt.to(device=self.device, dtype=self.dtype)  # type: ignore[union-attr]
             batch, seq = h.shape[:2]
-            mask = check_mask(attention_mask, (batch, seq), offset, self.device)
+            text_mask = None
         else:
-            ids, mask = to_ids(cfg, self.tokenizer, prompt)
+            ids, text_mask = to_ids(cfg, self.tokenizer, prompt)
             ids = ids.to(self.device)
-            if offset and mask is not None:
-                raise InputError("with a prefix, pass token ids and an attention_mask covering prefix "
-                                 "and new tokens, not a list of texts (their padding ignores the prefix)")
-            mask = check_mask(attention_mask if mask is None else mask, tuple(ids.shape), offset, self.device)
             batch, seq = ids.shape
+            if offset and text_mask is not None:
+                raise InputError("with a kv_cache, pass token ids and an attention_mask covering the held and new "
+                                 "tokens, not a list of texts (their padding ignores the held tokens)")
+        if attention_mask is None and text_mask is not None:
+            attention_mask = text_mask
+        if attention_mask is None and kv_cache is not None and kv_cache.key_mask is not None:
+            held = kv_cache.key_mask
+            attention_mask = torch.cat((held, held.new_ones(held.shape[0], seq)), 1)
+        mask = check_mask(attention_mask, (batch, seq), offset, self.device)
         if offset + seq > cfg.max_positions:
             raise InputError(f"{offset + seq} tokens exceed the model's {cfg.max_positions} positions")
-        if prefix is not None and prefix.keys:
-            rows = next(iter(prefix.keys.values())).shape[0]
-            if rows not in (1, batch):
-                raise InputError(f"the prefix holds {rows} rows but the run has {batch}; give a prefix of "
-                                 "batch 1 (shared) or of the run's batch")
-            if rows != batch:
-                prefix = prefix.expand(batch)
+        if kv_cache is not None and kv_cache.batch not in (None, 1, batch):
+            raise InputError(f"the kv_cache holds {kv_cache.batch} rows but the run has {batch}; give a cache of "
+                             "batch 1 (shared) or of the run's batch")
+        if kv_cache is not None and kv_cache.batch == 1 and batch > 1:
+            kv_cache = kv_cache.expand(batch)
         if mask is not None:
             positions = ((mask.cumsum(-1) - 1).clamp(min=0))[:, offset:]
         else:
@@ -209,21 +219,29 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         run = self.registry.run(positions, offset)
         if run.hooks:
             self._check_reach(run.hooks, start_at_layer, stop, from_resid, stop_at_layer is None)
-        ctx = ForwardContext(run, positions, mask, cfg.window, self._rope(positions, mask), prefix, kv_out,
+        ctx = ForwardContext(run, positions, mask, cfg.window, self._rope(positions, mask), kv_cache,
                              self.attn_impl == "eager")
         if not from_resid:
             h = run.fire("embed", self.embed(ids) * embed_scale(cfg.d_model, self.dtype))
-        for block in self.blocks[start_at_layer:stop]:
-            h = block(h, ctx)
+        growing = kv_cache is not None and kv_cache.growing
+        try:
+            for block in self.blocks[start_at_layer:stop]:
+                h = block(h, ctx)
+        except BaseException:
+            if growing:
+                kv_cache.broken = True  # type: ignore[union-attr]
+            raise
+        if growing:
+            kv_cache.commit(seq, None if mask is None else mask[:, offset:])  # type: ignore[union-attr]
         if stop_at_layer is not None:
             return h
         if logits_at is not None:
             whole = torch.arange(offset, offset + seq, device=h.device)[None, :, None].expand(batch, -1, 1)
-            held = select_positions(whole, logits_at)[..., 0]  # [batch, k] whole-sequence indices
+            held_at = select_positions(whole, logits_at)[..., 0]  # [batch, k] whole-sequence indices
             h = select_positions(h, logits_at)
             run.positions = select_positions(positions[..., None], logits_at)[..., 0]
-            same = bool((held == held[:1]).all())  # the same positions in every row?
-            run.indices, run.length = (held[0] if same else held), offset + seq
+            same = bool((held_at == held_at[:1]).all())  # the same positions in every row?
+            run.indices, run.length = (held_at[0] if same else held_at), offset + seq
         h = run.fire("final_norm", self.final_norm(h))
         return run.fire("logits", self.project(h))
 

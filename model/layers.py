@@ -98,15 +98,13 @@ class Attention(nn.Module):
         q = fire(n["attn.q_rot"], q * cos + rotate_half(q) * sin, layer)
         k = fire(n["attn.k_rot"], k * cos + rotate_half(k) * sin, layer)
 
-        if ctx.prefix is not None:
-            k = torch.cat((ctx.prefix.keys[layer], k), dim=1)
-            v = torch.cat((ctx.prefix.values[layer], v), dim=1)
-        if ctx.kv_out is not None:
-            ctx.kv_out[layer] = (k, v)
+        if ctx.kv is not None:  # earlier tokens' keys and values, then the new ones
+            k, v, key_start = ctx.kv.attend(layer, k, v)
+            ctx.run.key_offsets[layer] = key_start
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, hd]
         active = ctx.hooks
         explicit = ctx.eager or any(name in active for name in self.explicit_sites)
-        mask = ctx.mask(self.layer_type, explicit)
+        mask, causal = ctx.mask(self.layer_type, explicit)
         if explicit:
             if self.group > 1:  # query head h reads kv head h // group
                 kh, vh = kh.repeat_interleave(self.group, dim=1), vh.repeat_interleave(self.group, dim=1)
@@ -118,7 +116,7 @@ class Attention(nn.Module):
             z = torch.matmul(pattern, vh).transpose(1, 2)
         else:
             z = F.scaled_dot_product_attention(
-                qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=self.group > 1
+                qh, kh, vh, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.group > 1
             ).transpose(1, 2)
         z = fire(n["attn.z"], z, layer)  # [b, s, h, hd]
         out = self.o_proj(z.reshape(b, s, self.n_heads * self.d_head))

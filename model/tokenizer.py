@@ -193,9 +193,9 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         """Render a conversation in the Gemma 3 instruction format (as Hugging Face's template does).
 
-        Roles: an optional leading ``system`` message (folded into the first user turn, followed by
-        a blank line), then alternating ``user`` and ``assistant`` (or ``model``) turns; contents are
-        stripped. With ``add_generation_prompt`` the string ends with an open model turn.
+        Roles: an optional leading ``system`` message (folded into the first user turn as written,
+        followed by a blank line), then alternating ``user`` and ``assistant`` (or ``model``) turns,
+        whose contents are stripped. With ``add_generation_prompt`` the string ends with an open model turn.
 
         >>> tok.apply_chat_template([{"role": "system", "content": "Be brief."},
         ...                          {"role": "user", "content": "Hi"}])   # doctest: +SKIP
@@ -214,8 +214,8 @@ class Tokenizer:
             if m["role"] not in _ROLES:
                 raise TokenizerError(f"messages[{i}] has role {m['role']!r}; use one of {list(_ROLES)}")
         prefix, turns = "", list(messages)
-        if turns[0]["role"] == "system":
-            prefix, turns = turns[0]["content"].strip() + "\n\n", turns[1:]
+        if turns[0]["role"] == "system":  # kept as written (not stripped), as Gemma 3's template does
+            prefix, turns = turns[0]["content"] + "\n\n", turns[1:]
         parts = [BOS_TEXT]
         for i, m in enumerate(turns):
             role = "model" if m["role"] in ("assistant", "model") else m["role"]

@@ -40,8 +40,18 @@ class FakeTokenizer:
         self.vocab[7] = SCRIPT
         self.vocab[8] = "a\nb"
 
-    def encode(self, text: str) -> list[int]:
-        return [2] + [self.vocab.index(piece) for piece in text.split("|")]
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return ([2] if bos else []) + [self.vocab.index(piece) for piece in text.split("|")]
+
+    def batch_encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask, like the real tokenizer."""
+        rows = [self.encode(t) for t in texts]
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):], mask[r, width - len(row):] = torch.tensor(row), 1
+        return ids, mask
 
     def decode(self, ids) -> str:
         return "".join(self.vocab[i] for i in ids)

@@ -24,7 +24,7 @@ How it is fast (see docs/design.md, "Speed by design"). An experiment that patch
 of layer ``L`` leaves every layer below ``L`` and every position before ``p`` exactly as in the
 corrupt run. So experiments are grouped by ``p``; the group's rows run only the tokens
 ``p .. last metric position``, attend to the corrupt run's cached keys and values of the
-tokens before ``p`` (a :class:`~model.KVPrefix`), and step through the layers together as a
+tokens before ``p`` (a frozen :class:`~interp.model.KVCache`), and step through the layers together as a
 *wavefront*: at layer ``L`` the rows of the experiments patching layer ``L`` join the batch,
 starting from the corrupt run's cached ``resid_pre`` of layer ``L``, and a hook patches each
 joining row at its own site. Nothing is computed twice, each layer's weights are read once per

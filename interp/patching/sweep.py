@@ -12,7 +12,7 @@ import torch
 
 from ..hooks import NonFiniteError, Site, partial_run
 from ..metrics import Metric
-from ..model import Gemma3, KVPrefix
+from ..model import Gemma3, KVCache
 from ..progress import progress_bar
 from .experiments import (
     MERGE_TOKEN_ROWS,
@@ -93,10 +93,7 @@ def run_wavefront(model: Gemma3, pair: PromptPair, start: int, experiments: Sequ
             while i < len(experiments) and experiments[i].layer == layer:
                 joining.append((rows + len(joining), experiments[i]))
                 i += 1
-            prefix = None
-            if start > 0:
-                prefix = KVPrefix({layer: rs[f"blocks.{layer}.attn.k_rot"][:, :start]},
-                                  {layer: rs[f"blocks.{layer}.attn.v"][:, :start]}, start)
+            prefix = KVCache.from_cache(rs, start, model.cfg, layers=[layer]) if start > 0 else None
             hooks = _patch_hooks(pair, layer, start, end, joining) if joining else []
             if joining and layer > 0:
                 new = rs[f"blocks.{layer}.resid_pre"][:, start:end].expand(len(joining), -1, -1)
@@ -105,9 +102,9 @@ def run_wavefront(model: Gemma3, pair: PromptPair, start: int, experiments: Sequ
             with model.hooks(hooks):
                 if layer == 0:  # the residual entering layer 0 is the embedding: run from tokens
                     ids = pair.corrupt_ids[:, start:end].expand(rows, -1)
-                    h = model(ids, stop_at_layer=1, prefix=prefix)
+                    h = model(ids, stop_at_layer=1, kv_cache=prefix)
                 else:
-                    h = model(h, start_at_layer=layer, stop_at_layer=layer + 1, prefix=prefix)
+                    h = model(h, start_at_layer=layer, stop_at_layer=layer + 1, kv_cache=prefix)
         assert h is not None
         computed = [q - start for q in pair.needed if q >= start]
         if pair.vocab_selected:

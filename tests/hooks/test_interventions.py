@@ -16,7 +16,7 @@ from support import TINY
 
 from interp.hooks import ActivationCache, Site, caching_hook
 from interp.hooks.interventions import add, mean_ablate, patch, resample_ablate, selection_mask, zero_ablate
-from interp.model import Gemma3, KVPrefix
+from interp.model import Gemma3, KVCache
 
 CFG = TINY
 SEQ = 6
@@ -166,11 +166,10 @@ def test_positions_are_full_sequence_indices_in_a_prefix_run(model, toks, other)
     _, src = model.run_with_cache(other, names=[resid, pattern])
     hooks = {resid: patch(src, positions=[1, 4]), pattern: zero_ablate(positions=-1, heads=[0])}
     full_logits, full = model.run_with_cache(toks, names=[resid, pattern], hooks=hooks)
-    kv: dict = {}
+    kv = KVCache.empty(CFG, batch=toks.shape[0])
     # the prefix, patched alike (a 3-token run: its source and positions are those of 3 tokens)
-    model.run_with_hooks(toks[:, :3], {resid: patch({resid: src[resid][:, :3]}, positions=[1])}, kv_out=kv)
-    part_logits, part = model.run_with_cache(toks[:, 3:], names=[resid, pattern], hooks=hooks,
-                                             prefix=KVPrefix.from_kv(kv))
+    model.run_with_hooks(toks[:, :3], {resid: patch({resid: src[resid][:, :3]}, positions=[1])}, kv_cache=kv)
+    part_logits, part = model.run_with_cache(toks[:, 3:], names=[resid, pattern], hooks=hooks, kv_cache=kv)
     assert torch.equal(part[resid][:, 1], src[resid][:, 4])  # local 1 = index 4; index 1 skipped
     assert torch.equal(part[resid][:, [0, 2]], full[resid][:, [3, 5]])
     assert part[pattern].shape[2:] == (3, SEQ) and not part[pattern][:, 0, -1].any()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from interp.hooks import ActivationCache
-from interp.model import CacheTooLargeError, Gemma3, Gemma3Config, InputError, KVPrefix
+from interp.model import CacheTooLargeError, Gemma3, Gemma3Config, InputError, KVCache
 
 CFG = Gemma3Config(n_layers=6, d_model=32, d_mlp=64, n_heads=4, n_kv_heads=2, d_head=8, vocab_size=100,
                    window=4, rope_global_factor=8.0)
@@ -168,25 +168,29 @@ def test_prefix_reuse_equals_the_whole_run(m, eager, split):
         mask[1, :2] = 0  # left padding in row 1
         ids = torch.cat([IDS, IDS.roll(3, 1)])
         full = m(ids, mask)
-        kv: dict = {}
-        m(ids[:, :split], mask[:, :split], kv_out=kv)
-        rest = m(ids[:, split:], mask, prefix=KVPrefix.from_kv(kv))
+        kv = KVCache.empty(CFG, batch=2)
+        m(ids[:, :split], mask[:, :split], kv_cache=kv)
+        rest = m(ids[:, split:], mask, kv_cache=kv)
         torch.testing.assert_close(rest, full[:, split:], rtol=0, atol=2e-5)
+        assert kv.length == ids.shape[1]  # the growing cache now holds every token
+        kv2 = KVCache.empty(CFG, batch=2)  # its own padding mask stands in for attention_mask
+        m(ids[:, :split], mask[:, :split], kv_cache=kv2)
+        torch.testing.assert_close(m(ids[:, split:], kv_cache=kv2), rest, rtol=0, atol=0)
         # the same prefix from a cache, for the layers above 2 only
         _, cache = m.run_with_cache(ids, ["blocks.*.attn.k_rot", "blocks.*.attn.v", "blocks.3.resid_pre"],
                                      attention_mask=mask)
-        prefix = KVPrefix.from_cache(cache, split, layers=range(3, CFG.n_layers))
-        part = m(cache["blocks.3.resid_pre"][:, split:], mask, start_at_layer=3, prefix=prefix)
+        prefix = KVCache.from_cache(cache, split, CFG, layers=range(3, CFG.n_layers))
+        part = m(cache["blocks.3.resid_pre"][:, split:], mask, start_at_layer=3, kv_cache=prefix)
         torch.testing.assert_close(part, full[:, split:], rtol=0, atol=2e-5)
     finally:
         m.attn_impl = "auto"
 
 
 def test_prefix_mask_must_cover_prefix_and_new_tokens(m):
-    kv: dict = {}
-    m(IDS[:, :4], kv_out=kv)
+    kv = KVCache.empty(CFG, batch=1)
+    m(IDS[:, :4], kv_cache=kv)
     with pytest.raises(InputError, match="prefix"):
-        m(IDS[:, 4:], torch.ones(1, 7), prefix=KVPrefix.from_kv(kv))
+        m(IDS[:, 4:], torch.ones(1, 7), kv_cache=kv)
 
 
 # ---------------------------------------------------------------------- generation
@@ -247,10 +251,12 @@ def test_generation_refuses_right_padding(m):
 
 
 def test_prefix_errors(m):
-    kv: dict = {}
-    m(torch.cat([IDS, IDS, IDS])[:, :4], kv_out=kv)
+    kv = KVCache.empty(CFG, batch=3)
+    m(torch.cat([IDS, IDS, IDS])[:, :4], kv_cache=kv)
     with pytest.raises(InputError, match="3 rows"):
-        m(torch.cat([IDS, IDS])[:, 4:], prefix=KVPrefix.from_kv(kv))
+        m(torch.cat([IDS, IDS])[:, 4:], kv_cache=kv)
+    with pytest.raises(InputError, match="growing KVCache"):
+        m(torch.cat([IDS, IDS, IDS])[:, 4:], kv_cache=kv, stop_at_layer=2)
 
 
 def test_caching_head_out_leaves_the_output_bit_identical(m):
