@@ -27,6 +27,15 @@ from .attribution import attribution_patch, attribution_patches
 from .display import configure_notebook_renderer
 from .dla import DLAResult, direct_logit_attribution
 from .evaluation import LMLoss, lm_loss, test_prompt
+from .features import (
+    JumpReLUSAE,
+    TopKSAE,
+    Transcoder,
+    load_dictionary,
+    run_with_dictionaries,
+    run_with_saes,
+    top_features,
+)
 from .hooks import (
     ActivationCache,
     HookSpec,
@@ -43,7 +52,6 @@ from .lens import LensResult, logit_lens
 from .metrics import Metric, kl, logit_diff, prob
 from .model import Gemma3, Gemma3Cache, Gemma3Config, Generation, KVCache
 from .patching import Comparison, PatchingResult, compare, patch_sweep, patch_sweeps
-from .sae import JumpReLUSAE, run_with_saes, top_features
 from .tokens import Top
 
 configure_notebook_renderer()  # inside a notebook kernel: figures also show outside a live kernel
@@ -67,5 +75,6 @@ __all__ = [
     "ablate_heads_hooks", "repeated_random_tokens", "PatternResult", "HeadScores", "AttentionDistance",
     "InductionLoss", "patch_sweep", "patch_sweeps", "attribution_patch", "attribution_patches", "compare",
     "Comparison", "PatchingResult", "logit_diff", "prob", "kl", "Metric", "Top",
-    "JumpReLUSAE", "run_with_saes", "top_features",
+    "JumpReLUSAE", "TopKSAE", "Transcoder", "load_dictionary", "run_with_dictionaries", "run_with_saes",
+    "top_features",
 ]

@@ -1,0 +1,30 @@
+"""Sparse dictionaries: SAEs (JumpReLU, TopK) and transcoders (with an affine skip or not) --
+load (Gemma Scope 2, SAELens, the hub), save (SAELens's format), run on the registry (read,
+splice, steer, ablate, clamp), train, evaluate and browse.
+
+>>> from interp.features import JumpReLUSAE, TopKSAE, Transcoder, load_dictionary, run_with_dictionaries
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tokens import Top
+from .dictionary import ARCHITECTURES, Dictionary, JumpReLUSAE, TopKSAE, Transcoder
+from .interventions import dictionary_hooks, run_with_dictionaries, run_with_saes
+from .io import DictionaryFileError, check_fits, download, from_hub, load_dictionary, save_dictionary
+
+
+def top_features(acts: torch.Tensor, k: int = 10, position: int = -1, row: int = 0) -> list[Top]:
+    """The ``k`` most active features at one position (only those that fire), largest first.
+
+    >>> [(t.index, t.value) for t in top_features(torch.tensor([[[0.0, 3.0, 1.0]]]), k=2)]
+    [((1,), 3.0), ((2,), 1.0)]
+    """
+    values, idx = acts[row, position].float().topk(min(k, acts.shape[-1]))
+    return [Top((int(i),), float(v), f"F{int(i)}") for i, v in zip(idx, values) if v > 0]
+
+
+__all__ = ["Dictionary", "JumpReLUSAE", "TopKSAE", "Transcoder", "ARCHITECTURES", "dictionary_hooks",
+           "run_with_dictionaries", "run_with_saes", "load_dictionary", "save_dictionary", "check_fits", "download",
+           "from_hub", "DictionaryFileError", "top_features"]

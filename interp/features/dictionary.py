@@ -1,0 +1,285 @@
+"""Sparse dictionaries as one small family: JumpReLU and TopK SAEs, and transcoders.
+
+Every dictionary encodes what it reads into feature activations and decodes them:
+``pre = x @ W_enc + b_enc``, ``acts = activation(pre)``, ``out = acts @ W_dec + b_dec``. An SAE
+reconstructs the site it reads; a :class:`Transcoder` reads one site (the MLP's input, its
+``pre_mlp_norm``) and predicts another (what the MLP adds to the residual, ``post_mlp_norm``),
+optionally with an affine skip term ``x @ W_skip`` (Gemma Scope 2's "affine skip connection",
+stored ``[d_in, d_out]``). Shapes: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``.
+
+- :class:`JumpReLUSAE`: a feature fires only above its own threshold, ``relu(pre) * (pre > threshold)``.
+- :class:`TopKSAE`: the ``k`` largest pre-activations of each token fire (after a ReLU).
+
+>>> import torch
+>>> sae = JumpReLUSAE.random(d_in=4, d_sae=8, seed=0)
+>>> x = torch.randn(2, 4)
+>>> sae.decode(sae.encode(x)).shape, sae.W_dec.norm(dim=1).allclose(torch.ones(8))
+(torch.Size([2, 4]), True)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    """A frozen, contiguous copy of ``t`` (training unfreezes what it trains)."""
+    return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format), requires_grad=False)
+
+
+class Dictionary(nn.Module):
+    """What every dictionary shares (see the module docstring). ``site`` is the registry name it
+    reads (set by a loader, a trainer, or by hand); ``site_out`` the one it writes (an SAE
+    writes back where it reads)."""
+
+    architecture: ClassVar[str] = ""
+
+    def __init__(self, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | None = None,
+                 b_dec: torch.Tensor | None = None, *, site: str | None = None, site_out: str | None = None):
+        super().__init__()
+        if W_enc.dim() != 2 or W_dec.dim() != 2 or W_dec.shape[0] != W_enc.shape[1]:
+            raise ValueError(f"W_enc must be [d_in, d_sae] and W_dec [d_sae, d_out]; got {tuple(W_enc.shape)} and "
+                             f"{tuple(W_dec.shape)}")
+        d_sae, d_out = W_dec.shape
+        b_enc = torch.zeros(d_sae, dtype=W_enc.dtype) if b_enc is None else b_enc
+        b_dec = torch.zeros(d_out, dtype=W_dec.dtype) if b_dec is None else b_dec
+        for name, tensor, want in (("b_enc", b_enc, (d_sae,)), ("b_dec", b_dec, (d_out,))):
+            if tuple(tensor.shape) != want:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}; with W_enc {tuple(W_enc.shape)} and W_dec "
+                                 f"{tuple(W_dec.shape)} it must be {want}")
+        self.W_enc = _param(W_enc)
+        self.W_dec = _param(W_dec)
+        self.b_enc = _param(b_enc)
+        self.b_dec = _param(b_dec)
+        self.site, self.site_out = site, site_out
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def d_in(self) -> int:
+        """Width of the site the dictionary reads."""
+        return int(self.W_enc.shape[0])
+
+    @property
+    def d_sae(self) -> int:
+        """Number of features."""
+        return int(self.W_enc.shape[1])
+
+    @property
+    def d_out(self) -> int:
+        """Width of what it writes (``d_in`` for an SAE)."""
+        return int(self.W_dec.shape[1])
+
+    @property
+    def writes(self) -> str | None:
+        """The site the output is meant for (``site_out``, else ``site``)."""
+        return self.site_out or self.site
+
+    def __repr__(self) -> str:
+        where = f"{self.site} -> {self.site_out}" if self.site_out else f"{self.site}"
+        return f"{type(self).__name__}({self.d_in} -> {self.d_sae} features -> {self.d_out}, site={where})"
+
+    # ------------------------------------------------------------------ the maps
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_enc + b_enc`` in the dictionary's dtype: ``[..., d_sae]``."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"{type(self).__name__} reads width {self.d_in}, got {x.shape[-1]}")
+        return x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """Pre-activations -> feature activations (each architecture's own rule)."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations ``[..., d_sae]`` (zero where a feature does not fire)."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """``acts @ W_dec + b_dec``: ``[..., d_out]`` (a transcoder's skip term is not included;
+        :meth:`forward` adds it)."""
+        return acts.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The affine skip term of ``x`` (None without one)."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dictionary's output for ``x``: ``decode(encode(x))`` plus the skip term, if any."""
+        out = self.decode(self.encode(x))
+        skip = self.skip(x)
+        return out if skip is None else out + skip
+
+    # ------------------------------------------------------------------ construction
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors beyond W_enc, W_dec, b_enc, b_dec (threshold, W_skip)."""
+        return {}
+
+    def extra_config(self) -> dict[str, Any]:
+        """Settings beyond the tensors (k of a TopK)."""
+        return {}
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Scale each feature's decoder row to unit norm, moving the scale into the encoder so the
+        output does not change (threshold scaled with it)."""
+        norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_dec.div_(norms[:, None])
+        self.W_enc.mul_(norms[None, :])
+        self.b_enc.mul_(norms)
+        threshold = getattr(self, "threshold", None)
+        if isinstance(threshold, torch.Tensor):
+            threshold.mul_(norms)
+
+    @classmethod
+    def _random_weights(cls, d_in: int, d_sae: int, d_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        w_dec = torch.randn(d_sae, d_out, generator=gen)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        w_enc = w_dec.T.clone() if d_in == d_out else torch.randn(d_in, d_sae, generator=gen) / d_in ** 0.5
+        return w_enc, w_dec
+
+    def save(self, path: Any) -> Any:
+        """Write the dictionary in SAELens's format (``cfg.json`` + ``sae_weights.safetensors`` in a
+        folder); see :func:`interp.features.io.save_dictionary`."""
+        from .io import save_dictionary
+
+        return save_dictionary(self, path)
+
+    @classmethod
+    def load(cls, path: Any, **kwargs: Any) -> Dictionary:
+        """Load any supported layout (see :func:`interp.features.io.load_dictionary`)."""
+        from .io import load_dictionary
+
+        out = load_dictionary(path, **kwargs)
+        if not isinstance(out, cls):
+            raise TypeError(f"{path} holds a {type(out).__name__}, not a {cls.__name__}")
+        return out
+
+
+class JumpReLUSAE(Dictionary):
+    """``acts = relu(pre) * (pre > threshold)``: each feature fires only above its own threshold
+    (the Gemma Scope architecture)."""
+
+    architecture = "jumprelu"
+
+    def __init__(self, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | None = None,
+                 b_dec: torch.Tensor | None = None, threshold: torch.Tensor | None = None, **sites: Any):
+        super().__init__(W_enc, W_dec, b_enc, b_dec, **sites)
+        threshold = torch.zeros(self.d_sae, dtype=W_enc.dtype) if threshold is None else threshold
+        if tuple(threshold.shape) != (self.d_sae,):
+            raise ValueError(f"threshold has shape {tuple(threshold.shape)}; it must be ({self.d_sae},)")
+        self.threshold = _param(threshold)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre) * (pre > self.threshold)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {"threshold": self.threshold}
+
+    @classmethod
+    def random(cls, d_in: int, d_sae: int, site: str | None = None, seed: int = 0,
+               threshold: float = 0.05) -> JumpReLUSAE:
+        """Random weights (unit decoder rows, encoder their transpose), for tests and shapes."""
+        w_enc, w_dec = cls._random_weights(d_in, d_sae, d_in, seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        return cls(w_enc, w_dec, threshold=torch.rand(d_sae, generator=gen) * 2 * threshold, site=site)
+
+
+class TopKSAE(Dictionary):
+    """``acts``: the ``k`` largest pre-activations of each token (after a ReLU); the rest zero."""
+
+    architecture = "topk"
+
+    def __init__(self, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | None = None,
+                 b_dec: torch.Tensor | None = None, k: int = 32, **sites: Any):
+        super().__init__(W_enc, W_dec, b_enc, b_dec, **sites)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.d_sae:
+            raise ValueError(f"k must be an int in 1..{self.d_sae}, got {k!r}")
+        self.k = k
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        values, idx = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
+
+    def extra_config(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+    @classmethod
+    def random(cls, d_in: int, d_sae: int, k: int = 8, site: str | None = None, seed: int = 0) -> TopKSAE:
+        """Random weights, for tests and shapes."""
+        w_enc, w_dec = cls._random_weights(d_in, d_sae, d_in, seed)
+        return cls(w_enc, w_dec, k=k, site=site)
+
+
+class Transcoder(Dictionary):
+    """Reads ``site`` and predicts ``site_out``: ``acts @ W_dec + b_dec`` (+ ``x @ W_skip`` for a
+    skip transcoder). Features fire by JumpReLU (``threshold``, as Gemma Scope 2's transcoders) or,
+    when ``k`` is given, by TopK."""
+
+    architecture = "transcoder"
+
+    def __init__(self, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | None = None,
+                 b_dec: torch.Tensor | None = None, threshold: torch.Tensor | None = None,
+                 W_skip: torch.Tensor | None = None, k: int | None = None, **sites: Any):
+        super().__init__(W_enc, W_dec, b_enc, b_dec, **sites)
+        if k is not None and threshold is not None:
+            raise ValueError("a transcoder fires by threshold (JumpReLU) or by k (TopK), not both")
+        self.k = k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.d_sae):
+            raise ValueError(f"k must be an int in 1..{self.d_sae}, got {k!r}")
+        threshold = torch.zeros(self.d_sae, dtype=W_enc.dtype) if threshold is None and k is None else threshold
+        if threshold is not None and tuple(threshold.shape) != (self.d_sae,):
+            raise ValueError(f"threshold has shape {tuple(threshold.shape)}; it must be ({self.d_sae},)")
+        self.threshold = None if threshold is None else _param(threshold)
+        if W_skip is not None and tuple(W_skip.shape) != (self.d_in, self.d_out):
+            raise ValueError(f"W_skip has shape {tuple(W_skip.shape)}; it maps x [.., d_in] to [.., d_out], so it is "
+                             f"[d_in, d_out] = ({self.d_in}, {self.d_out}) (Gemma Scope 2's affine_skip_connection)")
+        self.W_skip = None if W_skip is None else _param(W_skip)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.k is not None:
+            values, idx = pre.topk(self.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
+        assert self.threshold is not None
+        return torch.relu(pre) * (pre > self.threshold)
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.W_skip is None else x.to(self.W_skip.dtype) @ self.W_skip
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        if self.W_skip is not None:
+            out["W_skip"] = self.W_skip
+        return out
+
+    def extra_config(self) -> dict[str, Any]:
+        return {"k": self.k} if self.k is not None else {}
+
+    @classmethod
+    def random(cls, model: Any, layer: int, d_sae: int, seed: int = 0, skip: bool = False,
+               threshold: float = 0.05, k: int | None = None) -> Transcoder:
+        """An untrained transcoder for layer ``layer``'s MLP (reads ``blocks.L.pre_mlp_norm``,
+        writes ``blocks.L.post_mlp_norm``), for tests and shapes.
+
+        >>> from interp.model import Gemma3, Gemma3Config
+        >>> m = Gemma3.from_config(Gemma3Config(n_layers=2, d_model=8, d_mlp=16, n_heads=1, n_kv_heads=1,
+        ...                                     d_head=8, vocab_size=20))
+        >>> Transcoder.random(m, layer=1, d_sae=32).site_out
+        'blocks.1.post_mlp_norm'
+        """
+        d = model.cfg.d_model
+        w_enc, w_dec = cls._random_weights(d, d_sae, d, seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        thr = None if k is not None else torch.rand(d_sae, generator=gen) * 2 * threshold
+        w_skip = torch.randn(d, d, generator=gen) * 0.01 if skip else None
+        return cls(w_enc * 0.5, w_dec, threshold=thr, W_skip=w_skip, k=k, site=f"blocks.{layer}.pre_mlp_norm",
+                   site_out=f"blocks.{layer}.post_mlp_norm")
+
+
+ARCHITECTURES: dict[str, type[Dictionary]] = {"jumprelu": JumpReLUSAE, "topk": TopKSAE, "transcoder": Transcoder}
+
+__all__ = ["Dictionary", "JumpReLUSAE", "TopKSAE", "Transcoder", "ARCHITECTURES"]

@@ -1,0 +1,152 @@
+"""Dictionaries on the registry: read feature activations, splice reconstructions in, steer with a
+feature, ablate or clamp features, at chosen positions, in any run (``generate`` included).
+
+Everything is a hook list (``[(site, fn), ...]``) that composes with other hooks:
+
+- a dictionary's *read* hook (at ``site``) encodes the activation and stores the features;
+- its *write* hook (at ``site_out`` for a transcoder, at ``site`` for an SAE) changes what the
+  model carries on: ``splice=True`` replaces it by the dictionary's output (``keep_error=True``
+  adds the reconstruction error back, so the output is unchanged while the features sit on the
+  path); edits change the features and add the change of the output, ``(edited - acts) @ W_dec``,
+  so an edit never also removes the reconstruction error.
+
+>>> import torch
+>>> from interp.model import Gemma3, Gemma3Config
+>>> m = Gemma3.from_config(Gemma3Config(n_layers=2, d_model=16, d_mlp=32, n_heads=2, n_kv_heads=1, d_head=8,
+...                                     vocab_size=50))
+>>> sae = JumpReLUSAE.random(16, 64, site="blocks.1.resid_post", seed=0)
+>>> logits, feats = run_with_dictionaries(m, torch.tensor([[2, 5, 7]]), [sae])
+>>> feats["blocks.1.resid_post"].shape
+torch.Size([1, 3, 64])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..hooks import ActivationCache, Site, positions_mask
+from .dictionary import Dictionary, JumpReLUSAE
+from .io import check_fits
+
+Hook = Callable[[torch.Tensor, Site], torch.Tensor | None]
+
+
+def _flat(x: torch.Tensor, site: Site, width: int) -> torch.Tensor:
+    """``x`` as ``[..., width]``: heads x head_dim flattened, as Hugging Face's o_proj input."""
+    if x.shape[-1] == width:
+        return x
+    if site.head_axis == x.dim() - 2 and x.shape[-2] * x.shape[-1] == width:
+        return x.flatten(-2)
+    raise ValueError(f"the dictionary for {site.name} reads width {width}, but the site has width {x.shape[-1]}")
+
+
+def _token_mask(x: torch.Tensor, site: Site, positions: Any) -> torch.Tensor | None:
+    """Bool ``[1, seq, 1]`` of the tokens selected by ``positions`` (None: every token)."""
+    if positions is None:
+        return None
+    total, held = site.whole_sequence(x.shape[site.seq_axis])
+    return positions_mask(positions, total)[held].to(x.device)[None, :, None]
+
+
+def dictionary_hooks(d: Dictionary, *, features: dict[str, torch.Tensor] | None = None, splice: bool = False,
+                     keep_error: bool = False, ablate: Sequence[int] = (), clamp: Mapping[int, float] | None = None,
+                     steer: Mapping[int, float] | None = None, positions: Any = None) -> list[tuple[str, Hook]]:
+    """Hooks that run dictionary ``d`` in the model (sites resolved already, e.g. by :func:`check_fits`).
+
+    ``features`` (a dict) receives the activations ``[..., d_sae]`` under ``d.site``. ``ablate``
+    (feature indices) sets features to 0, ``clamp`` ({feature: value}) to a value, ``steer``
+    ({feature: scale}) adds ``scale * W_dec[feature]`` to the output; all only at ``positions``
+    (the position rule of :mod:`interp.hooks.positions`; default every token).
+    """
+    if d.site is None:
+        raise ValueError("this dictionary names no site; set .site (e.g. 'blocks.6.resid_post')")
+    clamp = dict(clamp or {})
+    steer = dict(steer or {})
+    edits = bool(ablate or clamp)
+    for f in [*ablate, *clamp, *steer]:
+        if not 0 <= int(f) < d.d_sae:
+            raise IndexError(f"feature {f} is outside the dictionary's {d.d_sae} features")
+    state: dict[str, torch.Tensor] = {}
+    writes = d.writes
+    assert writes is not None
+
+    def read(x: torch.Tensor, site: Site) -> torch.Tensor | None:
+        flat = _flat(x, site, d.d_in)
+        acts = d.encode(flat)
+        if features is not None:
+            features[d.site or site.name] = acts
+        state["acts"] = acts
+        state["x"] = flat
+        if writes == site.name:
+            return write(x, site)
+        return None
+
+    def write(y: torch.Tensor, site: Site) -> torch.Tensor | None:
+        if "acts" not in state:
+            raise RuntimeError(f"{writes} fired before the dictionary read {d.site}; a transcoder must read an "
+                               "earlier site than it writes")
+        acts, flat_in = state["acts"], state["x"]
+        out = _flat(y, site, d.d_out) if writes == d.site else y.reshape(*y.shape[:-1], -1)
+        new = out
+        if splice:
+            recon = d(flat_in)
+            new = recon + (out.to(recon.dtype) - recon).detach() if keep_error else recon
+        delta = None
+        if edits:
+            edited = acts.clone()
+            if ablate:
+                edited[..., list(ablate)] = 0
+            for f, value in clamp.items():
+                edited[..., f] = value
+            delta = (edited - acts) @ d.W_dec
+        if steer:
+            fs = torch.tensor(list(steer), device=d.W_dec.device)
+            scales = torch.tensor(list(steer.values()), dtype=d.W_dec.dtype, device=d.W_dec.device)
+            add = (scales[:, None] * d.W_dec[fs]).sum(0)
+            delta = add if delta is None else delta + add
+        if delta is not None:
+            mask = _token_mask(new, site, positions)
+            if mask is not None:
+                delta = delta * mask.to(delta.dtype)
+            new = new.to(delta.dtype) + delta
+        if new is out:
+            return None
+        return new.to(y.dtype).reshape(y.shape)
+
+    hooks: list[tuple[str, Hook]] = [(d.site, read)]
+    if writes != d.site and (splice or edits or steer):
+        hooks.append((writes, write))
+    return hooks
+
+
+def run_with_dictionaries(model: Any, prompt: Any, dictionaries: Sequence[Dictionary], *, splice: bool = False,
+                          keep_error: bool = False, ablate: Mapping[int, Sequence[int]] | None = None,
+                          clamp: Mapping[int, Mapping[int, float]] | None = None,
+                          steer: Mapping[int, Mapping[int, float]] | None = None, positions: Any = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, ActivationCache]:
+    """Run ``model`` with ``dictionaries`` (SAEs or transcoders) reading their sites; returns
+    ``(logits, feature activations by site)``. ``splice``/``keep_error`` as in
+    :func:`dictionary_hooks`; ``ablate``, ``clamp`` and ``steer`` are keyed by the dictionary's
+    index in ``dictionaries`` (e.g. ``steer={0: {123: 4.0}}``). Other keywords go to ``forward``.
+    """
+    feats: dict[str, torch.Tensor] = {}
+    hooks: list[tuple[str, Hook]] = []
+    for i, d in enumerate(dictionaries):
+        check_fits(d, model)
+        hooks += dictionary_hooks(d, features=feats, splice=splice, keep_error=keep_error,
+                                  ablate=(ablate or {}).get(i, ()), clamp=(clamp or {}).get(i),
+                                  steer=(steer or {}).get(i), positions=positions)
+    logits = model.run_with_hooks(prompt, hooks, **kwargs)
+    return logits, ActivationCache(feats, layer_format=model.registry.names.layer_format)
+
+
+def run_with_saes(model: Any, prompt: Any, saes: Sequence[Dictionary], **kwargs: Any) -> tuple[torch.Tensor,
+                                                                                             ActivationCache]:
+    """:func:`run_with_dictionaries` (the name SAELens users know)."""
+    return run_with_dictionaries(model, prompt, saes, **kwargs)
+
+
+__all__ = ["dictionary_hooks", "run_with_dictionaries", "run_with_saes", "JumpReLUSAE"]
