@@ -159,14 +159,19 @@ class SiteNames:
         layer, kind = self.split(item.replace("*", "0"))
         kinds = sorted({self.split(n)[1] for n in self.names if self.split(n)[0] is not None})
         close: list[str] = []
+        layers = sorted({n for n in self.layer_of.values() if n is not None})
+        missing_layer = layer is not None and "*" not in item and layers and layer not in layers
         if self._layer_re is not None and (layer is not None or item.startswith(self.every_layer("")[:3])):
             near = difflib.get_close_matches(kind, kinds, n=3, cutoff=0.5)
-            prefix = item[: len(item) - len(kind)] if item.endswith(kind) else self.every_layer("")
-            close = [prefix + k for k in near]
+            prefix = item[: len(item) - len(kind)] if item.endswith(kind) and not missing_layer else None
+            close = [prefix + k if prefix is not None else self.layer_format.format(layer=layers[-1]) + k
+                     for k in near]
         if not close:
             pool = self.names + tuple(self.aliases) if "model." in item else self.names
             close = difflib.get_close_matches(item, pool, n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        if missing_layer:
+            hint = f" The model has layers {layers[0]}..{layers[-1]}." + hint
         example = self.every_layer(kinds[0]) if kinds else self.names[0]
         return (f"unknown site {item!r}.{hint} Valid names look like {self.names[0]!r} or {example!r}; "
                 f"see model.site_names() for all {len(self.names)}.")

@@ -176,7 +176,8 @@ def _prepare(out: Path, plan: dict[str, Any], rows: Rows, need: int) -> None:
             raise HarvestError(f"{out} holds a harvest with other settings ({', '.join(diffs)} differ); rerun with "
                                "the same settings to resume it, or choose another directory")
     else:
-        stray = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+        # rows.safetensors alone: a run killed between writing the rows and the plan; start afresh
+        stray = [p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != ROWS]
         if stray:
             raise HarvestError(f"{out} is not empty ({stray[:3]}...) and holds no harvest plan; choose an empty "
                                "or new directory")
@@ -227,7 +228,7 @@ class _Writer:
 
         while len(self.pending) >= 2:
             self.pending.pop(0).result()
-        meta = {"format": FORMAT, "shard": str(k)}
+        meta = {"format": FORMAT}  # one key: safetensors writes several in no fixed order (shards byte-stable)
         self.pending.append(self.pool.submit(
             _atomic, self.out / shard_name(k), lambda p: save_file(tensors, str(p), metadata=meta)))
 

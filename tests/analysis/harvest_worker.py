@@ -18,9 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for support
 
-import torch  # noqa: E402
-
 import support  # noqa: E402
+import torch  # noqa: E402
 
 SITES = ["blocks.1.resid_post", "blocks.3.mlp.hidden", "embed"]
 CONTEXT, BATCH, SHARD_TOKENS = 16, 2, 64  # 4 rows per shard, 2 forwards per shard
