@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 
 from ..tokens import Top
+from .dashboard import TopActivations, feature_dashboard, feature_index, logit_effects, top_activations
 from .dictionary import ARCHITECTURES, Dictionary, JumpReLUSAE, TopKSAE, Transcoder
 from .interventions import dictionary_hooks, run_with_dictionaries, run_with_saes
 from .io import DictionaryFileError, check_fits, download, from_hub, load_dictionary, save_dictionary
+from .quality import DictionaryComparison, FeatureEval, compare_dictionaries, evaluate
 
 
 def top_features(acts: torch.Tensor, k: int = 10, position: int = -1, row: int = 0) -> list[Top]:
@@ -27,4 +29,6 @@ def top_features(acts: torch.Tensor, k: int = 10, position: int = -1, row: int =
 
 __all__ = ["Dictionary", "JumpReLUSAE", "TopKSAE", "Transcoder", "ARCHITECTURES", "dictionary_hooks",
            "run_with_dictionaries", "run_with_saes", "load_dictionary", "save_dictionary", "check_fits", "download",
-           "from_hub", "DictionaryFileError", "top_features"]
+           "from_hub", "DictionaryFileError", "top_features", "evaluate", "FeatureEval", "compare_dictionaries",
+           "DictionaryComparison", "feature_dashboard", "feature_index", "top_activations", "TopActivations",
+           "logit_effects"]

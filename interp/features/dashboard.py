@@ -1,0 +1,464 @@
+"""Feature dashboards: offline HTML pages that show what a dictionary feature responds to and what
+it does.
+
+- :func:`top_activations` scans an :class:`~interp.data.ActivationStore` **once** for any number of
+  features, keeping a running top-k per feature (merged batch by batch with ``torch.topk``), the
+  feature's activations in a window of tokens around each top activation, exact firing counts,
+  and a uniform random sample of each feature's non-zero activations (for the histogram).
+- :func:`feature_dashboard` writes one feature's page: its top-activating contexts (tokens
+  shaded by the feature's activation), the histogram of its non-zero activations, and its top
+  positive and negative logit effects.
+- :func:`feature_index` writes a page per feature (one scan for all of them) and ``index.html``
+  (frequency and top tokens of each feature, linking its page), plus ``index.json``.
+
+Pages work offline: plotly.js is embedded once per page (or, in :func:`feature_index`'s folder,
+written once as ``plotly.min.js`` next to the pages); nothing is fetched from a CDN. Token text is
+untrusted (a model can emit ``<script>``): every token goes through :func:`html.escape`.
+
+**Logit effects** are the decoder direction read through the unembedding:
+``(W_dec[f] * (1 + final_norm.weight)) @ W_E.T``. The final RMSNorm's data-dependent scale
+``1 / rms(resid)`` is left out (it is the same positive factor for every token of the vocabulary
+at a given position, so it changes the size of the effects, not their order). This is only
+meaningful when the dictionary writes a residual-stream-shaped site that is added to the residual
+stream (``resid_*``, ``post_attn_norm``, ``post_mlp_norm``, a transcoder's output).
+
+>>> html_text = feature_dashboard(model, sae, 123, store, path="feature_123.html")   # doctest: +SKIP
+>>> feature_index(model, sae, store, range(100), "features/")                          # doctest: +SKIP
+PosixPath('features')
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.corpus import PAD_DOC
+from ..progress import progress_bar
+from ..tokens import str_tokens
+from .dictionary import Dictionary
+
+RESIDUAL_KINDS = ("embed", "resid_pre", "resid_mid", "resid_post", "post_attn_norm", "post_mlp_norm")
+ELEMENT_BUDGET = 1 << 24  # activations [tokens, d_sae] computed at once during a scan
+
+
+# ---------------------------------------------------------------------- the scan
+@dataclass
+class TopActivations:
+    """What :func:`top_activations` finds, for features ``features [n_f]``, on ``n_tokens`` tokens.
+
+    ``values [n_f, k]`` (largest first), ``rows``/``positions [n_f, k]`` (the store row and the
+    token's position in it) -- where a feature fires on fewer than ``k`` tokens, the rest are
+    value 0 and row and position -1 --, ``windows [n_f, k, before + 1 + after]`` (the feature's activation on the tokens
+    ``positions - before .. positions + after`` of the same row; NaN where there is no token or
+    no harvested activation), ``count [n_f]`` (tokens it fires on), ``max [n_f]``, ``total [n_f]``
+    (sum of its activations) and ``sample``: for each feature a uniform random sample (without
+    replacement) of at most ``sample_size`` of its non-zero activations (all of them when fewer).
+    """
+
+    site: str
+    features: torch.Tensor
+    values: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+    windows: torch.Tensor
+    before: int
+    after: int
+    count: torch.Tensor
+    total: torch.Tensor
+    max: torch.Tensor
+    n_tokens: int
+    sample: list[torch.Tensor]
+
+    def index_of(self, feature: int) -> int:
+        hits = (self.features == int(feature)).nonzero().flatten()
+        if not hits.numel():
+            raise KeyError(f"feature {feature} was not scanned (scanned: {self.features.tolist()[:10]}...)")
+        return int(hits[0])
+
+    def frequency(self, feature: int) -> float:
+        return float(self.count[self.index_of(feature)]) / max(self.n_tokens, 1)
+
+    def top(self, feature: int) -> list[tuple[int, int, float]]:
+        """``[(row, position, activation), ...]`` of the tokens the feature fires on most (largest
+        first; only tokens where it fires)."""
+        i = self.index_of(feature)
+        return [(int(r), int(p), float(v)) for r, p, v in zip(self.rows[i], self.positions[i], self.values[i])
+                if v > 0]
+
+
+def _feature_list(features: Any, d_sae: int) -> torch.Tensor:
+    if features is None:
+        return torch.arange(d_sae)
+    if isinstance(features, (int, torch.Tensor)) and not isinstance(features, bool) and \
+            (not isinstance(features, torch.Tensor) or features.dim() == 0):
+        features = [int(features)]
+    out = torch.as_tensor([int(f) for f in features], dtype=torch.long)
+    if not out.numel():
+        raise ValueError("no features to scan")
+    bad = out[(out < 0) | (out >= d_sae)]
+    if bad.numel():
+        raise IndexError(f"feature {int(bad[0])} is outside the dictionary's {d_sae} features")
+    if out.unique().numel() != out.numel():
+        raise ValueError("features must not repeat")
+    return out
+
+
+@torch.no_grad()
+def top_activations(dictionary: Dictionary, store: Any, features: Iterable[int] | int | None = None, *,
+                    k: int = 20, window: tuple[int, int] = (12, 4), site: str | None = None,
+                    sample_size: int = 2000, seed: int = 0, progress: bool = True) -> TopActivations:
+    """One pass over ``store`` (shard by shard, in order) finding each feature's ``k`` largest
+    activations, the activations around them (``window = (tokens before, tokens after)``) and
+    its firing statistics; see :class:`TopActivations`. ``features`` default to all of them;
+    ``site`` is the store's name for the dictionary's input (default ``dictionary.site``)."""
+    d = dictionary
+    site = site or d.site
+    if site is None:
+        raise ValueError("the dictionary names no site; set .site or pass site=")
+    if site not in store.manifest["sites"]:
+        raise KeyError(f"the dictionary reads {site!r}, which this store did not harvest (it has {store.sites})")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    before, after = (int(w) for w in window)
+    if before < 0 or after < 0:
+        raise ValueError(f"window is (tokens before, tokens after), both >= 0; got {window!r}")
+    feats = _feature_list(features, d.d_sae)
+    device = d.W_enc.device
+    fidx = feats.to(device)
+    n_f, width = feats.numel(), before + 1 + after
+    kept = torch.tensor(store.positions, dtype=torch.long, device=device)
+    n_pos, ctx = kept.numel(), store.context
+    offsets = torch.arange(-before, after + 1, device=device)
+
+    top_v = torch.empty(n_f, 0, device=device)
+    top_r = torch.empty(n_f, 0, dtype=torch.long, device=device)
+    top_p = torch.empty(n_f, 0, dtype=torch.long, device=device)
+    top_w = torch.empty(n_f, 0, width, device=device)
+    samp_key = torch.empty(n_f, 0, device=device)
+    samp_v = torch.empty(n_f, 0, device=device)
+    count = torch.zeros(n_f, dtype=torch.long, device=device)
+    total = torch.zeros(n_f, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+    vmax = torch.zeros(n_f, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    n_tokens = 0
+    n_shards = -(-store.n_rows // store.shard_rows)
+    chunk_rows = max(1, ELEMENT_BUDGET // max(n_pos * d.d_sae, ctx * n_f, n_f * width))
+    bar = progress_bar(store.manifest.get("n_tokens"), "top activations", "tok", progress)
+    try:
+        for shard in range(n_shards):
+            start = shard * store.shard_rows
+            stop = min(start + store.shard_rows, store.n_rows)
+            block = store.shard_slice(shard, site, 0, stop - start)  # [rows, positions, *dims]: the one read
+            valid_block = store.valid(slice(start, stop))
+            for a in range(0, stop - start, chunk_rows):
+                b = min(a + chunk_rows, stop - start)
+                r = b - a
+                x = block[a:b].reshape(r, n_pos, -1).to(device=device, dtype=d.W_enc.dtype)
+                valid = valid_block[a:b].to(device)
+                acts = d.encode(x)[..., fidx].float()  # [r, n_pos, n_f]
+                acts = torch.where(valid[..., None], acts, torch.zeros((), device=device))
+                fired = (acts > 0) & valid[..., None]
+                count += fired.sum((0, 1))
+                total += acts.sum((0, 1)).to(total.dtype)
+                vmax = torch.maximum(vmax, acts.amax((0, 1)))
+                n_valid = int(valid.sum())
+                n_tokens += n_valid
+                # the top k of this chunk, then merged with the running top k
+                flat = acts.permute(2, 0, 1).reshape(n_f, r * n_pos)
+                flat = flat.masked_fill(~valid.reshape(1, -1), -math.inf)
+                kk = min(k, flat.shape[1])
+                v, i = flat.topk(kk, dim=1)
+                local_row, local_pos = i // n_pos, kept[i % n_pos]
+                full = torch.full((r, ctx, n_f), math.nan, device=device)  # activations by token position
+                full[:, kept] = acts.masked_fill(~valid[..., None], math.nan)
+                wpos = local_pos[..., None] + offsets  # [n_f, kk, width]
+                inside = (wpos >= 0) & (wpos < ctx)
+                w = full[local_row[..., None].expand_as(wpos), wpos.clamp(0, ctx - 1),
+                         torch.arange(n_f, device=device)[:, None, None].expand_as(wpos)]
+                w = w.masked_fill(~inside, math.nan)
+                v_all = torch.cat([top_v, v], 1)
+                r_all = torch.cat([top_r, local_row + start + a], 1)
+                p_all = torch.cat([top_p, local_pos], 1)
+                w_all = torch.cat([top_w, w], 1)
+                top_v, j = v_all.topk(min(k, v_all.shape[1]), dim=1)
+                top_r, top_p = r_all.gather(1, j), p_all.gather(1, j)
+                top_w = w_all.gather(1, j[..., None].expand(-1, -1, width))
+                # a uniform sample of the non-zero activations: the smallest random keys win
+                keys = torch.rand(r, n_pos, generator=gen).to(device)
+                cand = torch.where(fired, -keys[..., None], torch.full((), -math.inf, device=device))
+                cand = cand.permute(2, 0, 1).reshape(n_f, -1)
+                ks = min(sample_size, cand.shape[1])
+                ck, ci = cand.topk(ks, dim=1)
+                cv = flat.gather(1, ci)
+                key_all = torch.cat([samp_key, ck], 1)
+                val_all = torch.cat([samp_v, cv], 1)
+                samp_key, j = key_all.topk(min(sample_size, key_all.shape[1]), dim=1)
+                samp_v = val_all.gather(1, j)
+                bar.update(n_valid)
+    finally:
+        bar.close()
+    missing = ~(top_v > 0)  # not firing (or no token at all): no entry
+    top_v = top_v.masked_fill(missing, 0.0)
+    top_r = top_r.masked_fill(missing, -1)
+    top_p = top_p.masked_fill(missing, -1)
+    top_w = top_w.masked_fill(missing[..., None], math.nan)
+    sample = [samp_v[i][samp_key[i] > -math.inf].cpu() for i in range(n_f)]
+    return TopActivations(site, feats, top_v.cpu(), top_r.cpu(), top_p.cpu(), top_w.cpu(), before, after,
+                          count.cpu(), total.cpu(), vmax.cpu(), n_tokens, sample)
+
+
+# ---------------------------------------------------------------------- logit effects
+@torch.no_grad()
+def logit_effects(model: Any, dictionary: Dictionary, feature: int, k: int = 10
+                  ) -> tuple[list[tuple[int, str, float]], list[tuple[int, str, float]]] | None:
+    """The ``k`` tokens whose logits the feature's decoder direction raises most, and the ``k`` it
+    lowers most: ``(W_dec[f] * (1 + final_norm.weight)) @ W_E.T`` (the final norm's
+    data-dependent scale left out; see the module docstring). ``[(token id, token, effect), ...]``
+    each; None when the dictionary's output is not residual-stream wide."""
+    if dictionary.d_out != model.cfg.d_model:
+        return None
+    direction = dictionary.W_dec[int(feature)].to(device=model.embed.weight.device, dtype=torch.float32)
+    direction = direction * (1.0 + model.final_norm.weight.float())
+    effect = model.embed.weight.float() @ direction  # [vocab]
+    kk = min(k, effect.numel())
+    out = []
+    for largest in (True, False):
+        v, i = effect.topk(kk, largest=largest)
+        names = str_tokens(model, i.tolist())
+        out.append([(int(t), s, float(x)) for t, s, x in zip(i.tolist(), names, v.tolist())])
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------- pages
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 70em; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.4em; font-size: 1.15em; }
+.summary { color: #555; }
+.ctx { font-family: ui-monospace, monospace; font-size: 13px; margin: 3px 0; white-space: nowrap; overflow-x: auto; }
+.meta { display: inline-block; min-width: 15em; color: #777; }
+.tok { white-space: pre; border-radius: 2px; padding: 0 1px; }
+.tok.top { outline: 1.5px solid #b2182b; }
+.tok.unknown { color: #999; }
+table { border-collapse: collapse; margin-right: 2em; display: inline-table; vertical-align: top; }
+td, th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left; }
+td.num { text-align: right; font-family: ui-monospace, monospace; }
+td.token { font-family: ui-monospace, monospace; white-space: pre; }
+.note { color: #777; font-size: 0.9em; }
+"""
+
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _tok(text: str) -> str:
+    """A token for a page: escaped, newlines and tabs visible (spaces kept by ``white-space: pre``)."""
+    return html.escape(text, quote=True).replace("\n", "↵").replace("\t", "⇥").replace("\r", "⏎") or "∅"
+
+
+def _plotly_tag(plotlyjs: str) -> str:
+    if plotlyjs == "inline":
+        from plotly.offline import get_plotlyjs
+
+        return f'<script id="plotlyjs" type="text/javascript">{get_plotlyjs()}</script>'
+    return f'<script id="plotlyjs" type="text/javascript" src="{_esc(plotlyjs)}"></script>'
+
+
+class _Tokens:
+    """Token strings of store rows (cached): a row's tokens by position (padding left out)."""
+
+    def __init__(self, model: Any, store: Any, tokenizer: Any):
+        self.store = store
+        self.tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.cache: dict[int, dict[int, str]] = {}
+
+    def row(self, r: int) -> dict[int, str]:
+        if r not in self.cache:
+            where = (self.store.doc[r] != PAD_DOC).nonzero().flatten().tolist()
+            if self.tok is not None:
+                strings = self.store.token_strings(r, self.tok)
+            else:
+                strings = [str(int(self.store.ids[r, p])) for p in where]
+            self.cache[r] = dict(zip(where, strings))
+        return self.cache[r]
+
+
+def _contexts_html(tops: TopActivations, feature: int, tokens: _Tokens) -> str:
+    i = tops.index_of(feature)
+    top = tops.top(feature)
+    if not top:
+        return '<p class="note">This feature never fires on the scanned tokens.</p>'
+    scale = max(v for _, _, v in top)
+    lines = []
+    for n, (row, pos, value) in enumerate(top):
+        strings = tokens.row(row)
+        doc, doc_pos = int(tokens.store.doc[row, pos]), int(tokens.store.pos[row, pos])
+        where = f"row {row}, token {pos}" + (f" (document {doc}, token {doc_pos})" if doc >= 0 else "")
+        spans = []
+        for j, p in enumerate(range(pos - tops.before, pos + tops.after + 1)):
+            if p not in strings:
+                continue
+            act = float(tops.windows[i, n, j])
+            cls = "tok top" if p == pos else "tok"
+            if math.isnan(act):
+                spans.append(f'<span class="{cls} unknown" title="not harvested">{_tok(strings[p])}</span>')
+                continue
+            alpha = max(0.0, min(1.0, act / scale)) if scale > 0 else 0.0
+            spans.append(f'<span class="{cls}" style="background: rgba(255, 90, 0, {alpha:.3f})" '
+                         f'title="activation {act:.4g}">{_tok(strings[p])}</span>')
+        lines.append(f'<div class="ctx"><span class="meta">#{n + 1} · {value:.4g} · {_esc(where)}</span>'
+                     f'{"".join(spans)}</div>')
+    return "\n".join(lines)
+
+
+def _histogram_html(tops: TopActivations, feature: int, div_id: str) -> str:
+    import plotly.graph_objects as go
+
+    i = tops.index_of(feature)
+    values = tops.sample[i]
+    if not values.numel():
+        return '<p class="note">No non-zero activations.</p>'
+    shown = "all" if values.numel() == int(tops.count[i]) else f"a uniform sample of {values.numel():,} of"
+    fig = go.Figure(go.Histogram(x=values.tolist(), nbinsx=50, marker_color="#e66101"))
+    fig.update_layout(template="plotly_white", height=300, margin=dict(l=50, r=20, t=40, b=40),
+                      title=f"non-zero activations ({shown} {int(tops.count[i]):,})",
+                      xaxis_title="activation", yaxis_title="tokens")
+    return fig.to_html(include_plotlyjs=False, full_html=False, div_id=div_id)
+
+
+def _logits_html(model: Any, dictionary: Dictionary, feature: int, k: int) -> str:
+    effects = logit_effects(model, dictionary, feature, k)
+    if effects is None:
+        return (f'<p class="note">The dictionary writes width {dictionary.d_out}, not the residual stream\'s '
+                f'{model.cfg.d_model}: no logit effects.</p>')
+    tables = []
+    for label, rows in (("raises", effects[0]), ("lowers", effects[1])):
+        body = "".join(f'<tr><td class="token">{_tok(s)}</td><td class="num">{v:+.4g}</td></tr>' for _, s, v in rows)
+        tables.append(f"<table><tr><th>{label}</th><th>effect</th></tr>{body}</table>")
+    kind = (dictionary.writes or "").split(".", 2)[-1] if (dictionary.writes or "").startswith("blocks.") \
+        else (dictionary.writes or "")
+    caveat = "" if kind in RESIDUAL_KINDS else (
+        f" {_esc(dictionary.writes)} is not added to the residual stream as it is: read these with care.")
+    return ("".join(tables) + '<p class="note">W_dec[f] · (1 + final_norm.weight) projected on the unembedding; the '
+            "final norm's data-dependent scale (1 / rms of the residual) is left out: it scales every token's "
+            f"effect alike.{caveat}</p>")
+
+
+def _page(model: Any, dictionary: Dictionary, feature: int, tops: TopActivations, tokens: _Tokens, *, k_logits: int,
+          plotlyjs: str, index_link: bool = False) -> str:
+    i = tops.index_of(feature)
+    freq = tops.frequency(feature)
+    count = int(tops.count[i])
+    mean = float(tops.total[i]) / count if count else 0.0
+    site = dictionary.site if not (dictionary.site_out and dictionary.site_out != dictionary.site) else \
+        f"{dictionary.site} -> {dictionary.site_out}"
+    summary = (f"{_esc(site)} · fires on {count:,} of {tops.n_tokens:,} tokens ({freq:.4%}) · "
+               f"max {float(tops.max[i]):.4g} · mean when firing {mean:.4g}")
+    back = '<p><a href="index.html">&larr; all features</a></p>' if index_link else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Feature {int(feature)} · {_esc(site)}</title>
+<style>{STYLE}</style>
+{_plotly_tag(plotlyjs)}
+</head><body>
+{back}<h1>Feature {int(feature)}</h1>
+<p class="summary">{summary}</p>
+<h2>Top activations</h2>
+<div class="contexts">
+{_contexts_html(tops, feature, tokens)}
+</div>
+<h2>Activation histogram</h2>
+{_histogram_html(tops, feature, f"hist-{int(feature)}")}
+<h2>Logit effects</h2>
+<div class="logits">{_logits_html(model, dictionary, feature, k_logits)}</div>
+</body></html>
+"""
+
+
+def feature_dashboard(model: Any, dictionary: Dictionary, feature: int, store: Any, *, k: int = 20,
+                      path: str | os.PathLike | None = None, window: tuple[int, int] = (12, 4),
+                      k_logits: int | None = None, tokenizer: Any = None, site: str | None = None,
+                      progress: bool = True) -> str:
+    """One feature's offline HTML page (see the module docstring): its ``k`` top-activating
+    contexts from ``store`` (``window`` tokens before/after, shaded by the feature's activation),
+    the histogram of its non-zero activations and its top ``k_logits`` (default ``k``) positive
+    and negative logit effects. Written to ``path`` when given; returns the HTML. Token text comes
+    from ``tokenizer`` (default the model's)."""
+    d = dictionary
+    tops = top_activations(d, store, [int(feature)], k=k, window=window, site=site, progress=progress)
+    page = _page(model, d, int(feature), tops, _Tokens(model, store, tokenizer), k_logits=k_logits or k,
+                 plotlyjs="inline")
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(page, encoding="utf-8")
+    return page
+
+
+def page_name(feature: int) -> str:
+    """The file of a feature's page in :func:`feature_index`'s folder."""
+    return f"feature_{int(feature)}.html"
+
+
+def feature_index(model: Any, dictionary: Dictionary, store: Any, features: Iterable[int] | None = None,
+                  out_dir: str | os.PathLike | None = None, *, k: int = 10, window: tuple[int, int] = (12, 4),
+                  k_logits: int = 10, tokenizer: Any = None, site: str | None = None,
+                  progress: bool = True) -> Path:
+    """Pages for many ``features`` (default all) from **one** scan of ``store``, in ``out_dir``:
+    ``feature_<f>.html`` each, ``index.html`` (each feature's frequency and top tokens, linking
+    its page), ``index.json`` (the same, and each feature's top ``(row, position, activation)``)
+    and ``plotly.min.js`` (shared by the pages; offline). Returns the folder."""
+    if out_dir is None:
+        raise ValueError("feature_index needs out_dir, the folder to write the pages into")
+    from plotly.offline import get_plotlyjs
+
+    d = dictionary
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tops = top_activations(d, store, features, k=k, window=window, site=site, progress=progress)
+    tokens = _Tokens(model, store, tokenizer)
+    (out / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
+    entries = []
+    rows_html = []
+    for f in tops.features.tolist():
+        i = tops.index_of(f)
+        (out / page_name(f)).write_text(_page(model, d, f, tops, tokens, k_logits=k_logits, plotlyjs="plotly.min.js",
+                                              index_link=True), encoding="utf-8")
+        top = tops.top(f)
+        common = Counter(tokens.row(r).get(p, "") for r, p, _ in top).most_common(5)
+        entries.append({"feature": f, "page": page_name(f), "count": int(tops.count[i]),
+                        "frequency": tops.frequency(f), "max": float(tops.max[i]),
+                        "top_tokens": [t for t, _ in common], "top": [list(t) for t in top]})
+        tok_cells = " ".join(f'<span class="tok">{_tok(t)}</span>' for t, _ in common)
+        rows_html.append(f'<tr><td><a href="{page_name(f)}">{f}</a></td><td class="num">{tops.frequency(f):.4%}</td>'
+                         f'<td class="num">{int(tops.count[i]):,}</td><td class="num">{float(tops.max[i]):.4g}</td>'
+                         f'<td class="token">{tok_cells}</td></tr>')
+    site_name = tops.site
+    (out / "index.json").write_text(json.dumps({"site": site_name, "n_tokens": tops.n_tokens, "k": k,
+                                                "features": entries}, indent=1), encoding="utf-8")
+    index = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Features · {_esc(site_name)}</title>
+<style>{STYLE}</style>
+</head><body>
+<h1>{len(entries):,} features of {_esc(type(d).__name__)} ({d.d_sae:,} features) at {_esc(site_name)}</h1>
+<p class="summary">{tops.n_tokens:,} tokens scanned.</p>
+<table>
+<tr><th>feature</th><th>frequency</th><th>tokens</th><th>max</th><th>top tokens</th></tr>
+{chr(10).join(rows_html)}
+</table>
+</body></html>
+"""
+    (out / "index.html").write_text(index, encoding="utf-8")
+    return out
+
+
+__all__ = ["top_activations", "TopActivations", "feature_dashboard", "feature_index", "logit_effects", "page_name"]

@@ -1,0 +1,333 @@
+"""How good is a dictionary: sparsity, reconstruction and the language model's loss, on held-out
+activations from an :class:`~interp.data.ActivationStore`.
+
+:func:`evaluate` reads the dictionary's site from the store (a transcoder's input *and* output
+sites) and reports
+
+- **L0**: the mean number of active features per token;
+- **FVU** (fraction of variance unexplained): ``sum |x - x_hat|^2 / sum |x - mean(x)|^2`` over
+  every evaluated token and dimension (``x`` is the site an SAE reads, or the site a transcoder
+  predicts; ``mean`` is the per-dimension mean over the tokens), and explained variance ``1 - FVU``;
+- **dead** features (never fire on the evaluated tokens) and **dense** features (fire on more
+  than ``dense_threshold``, 10% by default, of them), and each feature's firing frequency;
+- the **language-model effect** on held-out text: the next-token cross-entropy of the clean
+  model, with the dictionary's output spliced in (no error term), and with the site zero-ablated
+  (a transcoder's *output* site), and the **CE loss recovered**
+  ``(CE_zero - CE_spliced) / (CE_zero - CE_clean)`` (1: as good as the model, 0: as bad as
+  deleting the site).
+
+>>> result = evaluate(model, sae, store)                       # doctest: +SKIP
+>>> result                                                     # doctest: +SKIP
+FeatureEval  blocks.6.resid_post
+  tokens                         65,536
+  L0                              61.25
+  FVU                            0.0712
+  ...
+>>> result.plot()                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..data.corpus import PAD_DOC
+from ..evaluation import lm_loss
+from ..hooks import zero_ablate
+from ..progress import progress_bar
+from .dictionary import Dictionary
+from .interventions import dictionary_hooks
+from .io import check_fits
+
+
+@dataclass
+class FeatureEval:
+    """What :func:`evaluate` returns. ``frequency [d_sae]`` is the fraction of evaluated tokens
+    on which each feature fires; the ``ce_*`` fields are None when the loss was not evaluated."""
+
+    site: str
+    site_out: str | None
+    n_tokens: int
+    d_sae: int
+    l0: float
+    fvu: float
+    mse: float
+    frequency: torch.Tensor
+    dense_threshold: float = 0.1
+    ce_clean: float | None = None
+    ce_spliced: float | None = None
+    ce_zero: float | None = None
+    ce_tokens: int = 0
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def explained_variance(self) -> float:
+        """``1 - FVU``."""
+        return 1.0 - self.fvu
+
+    @property
+    def ce_recovered(self) -> float | None:
+        """``(CE_zero - CE_spliced) / (CE_zero - CE_clean)`` (NaN when zero-ablating changes nothing)."""
+        if self.ce_clean is None or self.ce_spliced is None or self.ce_zero is None:
+            return None
+        gap = self.ce_zero - self.ce_clean
+        return (self.ce_zero - self.ce_spliced) / gap if gap != 0 else math.nan
+
+    @property
+    def dead(self) -> torch.Tensor:
+        """Indices of the features that never fired."""
+        return (self.frequency == 0).nonzero().flatten()
+
+    @property
+    def dense(self) -> torch.Tensor:
+        """Indices of the features that fired on more than ``dense_threshold`` of the tokens."""
+        return (self.frequency > self.dense_threshold).nonzero().flatten()
+
+    @property
+    def n_dead(self) -> int:
+        return int((self.frequency == 0).sum())
+
+    @property
+    def n_dense(self) -> int:
+        return int((self.frequency > self.dense_threshold).sum())
+
+    def table(self) -> list[tuple[str, Any]]:
+        """``[(metric, value), ...]``: plain Python numbers (and the site names)."""
+        rows: list[tuple[str, Any]] = [("site", self.site if not self.site_out else f"{self.site} -> {self.site_out}"),
+                                       ("tokens", self.n_tokens), ("features", self.d_sae), ("L0", self.l0),
+                                       ("FVU", self.fvu), ("explained variance", self.explained_variance),
+                                       ("MSE per token", self.mse), ("dead features", self.n_dead),
+                                       (f"dense features (> {self.dense_threshold:.0%})", self.n_dense)]
+        if self.ce_clean is not None:
+            rows += [("CE clean", self.ce_clean), ("CE spliced", self.ce_spliced), ("CE zero-ablated", self.ce_zero),
+                     ("CE loss recovered", self.ce_recovered), ("CE tokens", self.ce_tokens)]
+        return rows
+
+    def __repr__(self) -> str:
+        head = f"FeatureEval  {self.name}" if self.name else "FeatureEval"
+        lines = [head]
+        for metric, value in self.table():
+            lines.append(f"  {metric:<26} {_fmt(value):>14}")
+        return "\n".join(lines)
+
+    def _title(self) -> str:
+        parts = [f"L0 {self.l0:.1f}", f"FVU {self.fvu:.3f}"]
+        if self.ce_recovered is not None:
+            parts.append(f"CE recovered {self.ce_recovered:.1%}")
+        parts += [f"{self.n_dead} dead", f"{self.n_dense} dense"]
+        return " · ".join(parts)
+
+    def plot(self) -> Any:
+        """A histogram of ``log10`` feature frequency: live features in blue, dense ones (right of
+        the dashed line) in red, dead ones as one grey bar on the left; the title holds the key
+        numbers of :meth:`table`."""
+        import plotly.graph_objects as go
+
+        from ..plots import escape_text
+
+        freq = self.frequency.double()
+        live = freq[freq > 0]
+        floor = math.log10(1.0 / max(self.n_tokens, 1))
+        log = live.log10()
+        dense = log[live > self.dense_threshold]
+        normal = log[live <= self.dense_threshold]
+        fig = go.Figure()
+        fig.add_trace(go.Histogram(x=normal.tolist(), name="live", marker_color="#2166ac",
+                                   xbins=dict(start=floor - 0.05, end=0.05, size=0.1)))
+        fig.add_trace(go.Histogram(x=dense.tolist(), name=f"dense (> {self.dense_threshold:.0%})",
+                                   marker_color="#b2182b", xbins=dict(start=floor - 0.05, end=0.05, size=0.1)))
+        fig.add_trace(go.Bar(x=[floor - 0.5], y=[self.n_dead], width=[0.3], name="dead (never fire)",
+                             marker_color="#888888"))
+        fig.add_vline(x=math.log10(self.dense_threshold), line_dash="dash", line_color="#b2182b")
+        title = escape_text(f"{self.name or self.site}: {self._title()}")
+        fig.update_layout(title=title, template="plotly_white", barmode="overlay", bargap=0.05,
+                          xaxis_title=f"log10 firing frequency ({self.n_tokens:,} tokens)",
+                          yaxis_title="features")
+        return fig
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _store_sites(d: Dictionary, store: Any, site: str | Sequence[str] | None) -> tuple[str, str | None]:
+    """The store's names for what ``d`` reads and (a transcoder) predicts."""
+    if site is None:
+        read, out = d.site, d.site_out
+    elif isinstance(site, str):
+        read, out = site, d.site_out
+    else:
+        names = list(site)
+        if len(names) != 2:
+            raise ValueError(f"site= is the store's name for the dictionary's input, or (input, output) for a "
+                             f"transcoder; got {len(names)} names")
+        read, out = names
+    for what, name in (("reads", read), ("predicts", out)):
+        if name is not None and name not in store.manifest["sites"]:
+            raise KeyError(f"the dictionary {what} {name!r}, which this store did not harvest (it has {store.sites}); "
+                           "harvest that site, or pass site= the store's name for it")
+    assert read is not None
+    return read, out
+
+
+def _aligned_batches(store: Any, sites: list[str], batch_size: int, device: Any, dtype: torch.dtype) -> Any:
+    """Unshuffled batches of several sites, token for token aligned (same rows, same order)."""
+    gens = [store.batches(s, batch_size, shuffle=False, device=device, dtype=dtype) for s in sites]
+    return zip(*gens)
+
+
+def _ce_rows(store: Any, ce_tokens: int | None) -> list[torch.Tensor]:
+    """The store's rows (padding left out) up to ``ce_tokens`` tokens (at least one row)."""
+    rows: list[torch.Tensor] = []
+    total = 0
+    for r in range(store.n_rows):
+        ids = store.ids[r][store.doc[r] != PAD_DOC]
+        if rows and ce_tokens is not None and total + ids.numel() > ce_tokens:
+            break
+        if ids.numel() >= 2:
+            rows.append(ids)
+            total += ids.numel()
+    return rows
+
+
+@torch.no_grad()
+def evaluate(model: Any, dictionary: Dictionary, store: Any, *, site: str | Sequence[str] | None = None,
+             texts: Sequence[str] | None = None, max_tokens: int | None = None, ce_tokens: int | None = 1 << 16,
+             batch_size: int = 4096, lm_batch_size: int = 8, dense_threshold: float = 0.1, ce: bool = True,
+             progress: bool = True, name: str = "", _clean: float | None = None) -> FeatureEval:
+    """Evaluate ``dictionary`` (an SAE or a transcoder) on held-out activations (see the module
+    docstring for the metrics).
+
+    ``store`` must hold the dictionary's site (for a transcoder both its input and output
+    sites); ``site`` names them in the store when the store calls them otherwise (a name, or
+    ``(input, output)`` for a transcoder). Statistics use the store's first ``max_tokens``
+    tokens (None: all), read in unshuffled batches of ``batch_size`` vectors. The loss runs on
+    ``texts`` (strings) when given, else on the store's own rows, as many as fit in
+    ``ce_tokens`` tokens (None: every row); ``ce=False`` skips it. ``lm_batch_size`` rows go
+    through the model at a time.
+    """
+    check_fits(dictionary, model)  # resolves aliases to the registry's names
+    for label, value in (("batch_size", batch_size), ("lm_batch_size", lm_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    if not 0 <= dense_threshold < 1:
+        raise ValueError(f"dense_threshold is a fraction of tokens in [0, 1), got {dense_threshold!r}")
+    d = dictionary
+    transcoder = d.site_out is not None and d.site_out != d.site
+    read, out = _store_sites(d, store, site)
+    if transcoder and out is None:
+        raise ValueError("a transcoder is evaluated against the site it predicts; pass site=(input, output)")
+    fingerprint = store.manifest.get("model", {}).get("fingerprint")
+    if ce and texts is None and fingerprint:
+        from ..data.harvest import model_fingerprint
+
+        if fingerprint != model_fingerprint(model):
+            warnings.warn("the store was harvested from another model (or the same one in another dtype): its "
+                          "activations and its rows' losses may not match this model", UserWarning, stacklevel=2)
+
+    device, dtype = d.W_enc.device, d.W_enc.dtype
+    acc = torch.float32 if device.type == "mps" else torch.float64  # (MPS has no float64)
+    limit = max_tokens if max_tokens is not None else store.manifest["n_tokens"]
+    count = torch.zeros(d.d_sae, dtype=torch.long, device=device)
+    n = 0
+    err = 0.0
+    sum_x = torch.zeros(d.d_out, dtype=acc, device=device)
+    sum_x2 = 0.0
+    active = 0
+    sites = [read] + ([out] if transcoder and out is not None else [])
+    bar = progress_bar(limit, "evaluate", "tok", progress)
+    try:
+        for batch in _aligned_batches(store, sites, batch_size, device, dtype):
+            if n >= limit:
+                break
+            take = min(batch[0].shape[0], limit - n)
+            x_in = batch[0][:take].reshape(take, -1)
+            target = (batch[1] if transcoder else batch[0])[:take].reshape(take, -1).to(acc)
+            acts = d.encode(x_in)
+            recon = d.decode(acts)
+            skip = d.skip(x_in)
+            if skip is not None:
+                recon = recon + skip
+            fired = acts > 0
+            count += fired.sum(0)
+            active += int(fired.sum())
+            err += float((target - recon.to(acc)).pow(2).sum())
+            sum_x += target.sum(0)
+            sum_x2 += float(target.pow(2).sum())
+            n += take
+            bar.update(take)
+    finally:
+        bar.close()
+    if n == 0:
+        raise ValueError(f"the store holds no tokens of {read}")
+    variance = sum_x2 - float((sum_x * sum_x).sum()) / n
+    fvu = err / variance if variance > 0 else math.nan
+    result = FeatureEval(read, out if transcoder else None, n, d.d_sae, active / n, fvu, err / n,
+                         (count.double() / n).float().cpu(), dense_threshold, name=name)
+    if not ce:
+        return result
+    rows: Any = list(texts) if texts is not None else _ce_rows(store, ce_tokens)
+    if not rows:
+        raise ValueError("no text to evaluate the loss on (pass texts=, or a store with rows of 2+ tokens)")
+    common: dict[str, Any] = {"batch_size": lm_batch_size, "progress": progress}
+    clean = _clean if _clean is not None else lm_loss(model, rows, **common).mean
+    spliced = lm_loss(model, rows, hooks=dictionary_hooks(d, splice=True), **common)
+    zero = lm_loss(model, rows, hooks={d.writes: zero_ablate()}, **common)
+    result.ce_clean, result.ce_spliced, result.ce_zero, result.ce_tokens = clean, spliced.mean, zero.mean, \
+        spliced.n_tokens
+    return result
+
+
+@dataclass
+class DictionaryComparison:
+    """:func:`compare_dictionaries`'s result: one :class:`FeatureEval` per dictionary."""
+
+    evals: dict[str, FeatureEval]
+
+    def table(self) -> list[tuple[Any, ...]]:
+        """``[(metric, value of each dictionary...), ...]``; the first row names the dictionaries."""
+        names = list(self.evals)
+        tables = [dict(e.table()) for e in self.evals.values()]
+        metrics: list[str] = []
+        for e in self.evals.values():
+            metrics += [m for m, _ in e.table() if m not in metrics]
+        return [("dictionary", *names)] + [(m, *(t.get(m) for t in tables)) for m in metrics]
+
+    def __repr__(self) -> str:
+        rows = self.table()
+        return "\n".join(f"{str(r[0]):<26} " + " ".join(f"{_fmt(v):>22}" for v in r[1:]) for r in rows)
+
+    def __getitem__(self, name: str) -> FeatureEval:
+        return self.evals[name]
+
+
+def compare_dictionaries(model: Any, dictionaries: Mapping[str, Dictionary] | Sequence[Dictionary], store: Any,
+                         **kwargs: Any) -> DictionaryComparison:
+    """:func:`evaluate` each dictionary on the same tokens and texts (the clean loss computed once
+    when the loss is evaluated on the same texts); keywords as :func:`evaluate`."""
+    items = dict(dictionaries) if isinstance(dictionaries, Mapping) else {
+        f"{i}: {type(d).__name__} {d.d_sae}": d for i, d in enumerate(dictionaries)}
+    evals: dict[str, FeatureEval] = {}
+    clean: float | None = None
+    for label, d in items.items():
+        e = evaluate(model, d, store, name=label, _clean=clean, **kwargs)
+        clean = e.ce_clean if clean is None else clean
+        evals[label] = e
+    return DictionaryComparison(evals)
+
+
+__all__ = ["evaluate", "FeatureEval", "compare_dictionaries", "DictionaryComparison"]
