@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 import torch
@@ -34,6 +34,9 @@ from .model.finite import check_finite
 from .model.runs import available_memory
 from .plots import escape_token, heatmap, line
 from .tokens import Target, layer_labels, single_prompt, str_tokens, token_ids
+
+if TYPE_CHECKING:
+    from .tuned_lens import TunedLens
 
 LOGITS_BUDGET = 1 << 30  # bytes of float32 logits unembedded in one matmul (less when memory is short)
 
@@ -60,6 +63,7 @@ class LensResult:
     target_tokens: list[str] = field(default_factory=list)
     target_probs: torch.Tensor | None = None
     target_ranks: torch.Tensor | None = None
+    name: str = "Logit lens"
 
     def __repr__(self) -> str:
         return (f"LensResult({len(self.labels)} stages x {len(self.positions)} positions, k={self.top_ids.shape[-1]}, "
@@ -109,7 +113,7 @@ class LensResult:
                 for c in range(len(self.positions))])
         fig = heatmap(
             self.top_probs[:, :, 0], [self.tokens[p] for p in self.positions], self.labels,
-            title=title or "Logit lens: top-1 probability after each layer", x_title="position",
+            title=title or f"{self.name}: top-1 probability after each layer", x_title="position",
             y_title="layer", text=[[cells[c][0] for c in range(len(self.positions))] for cells in self.top_tokens],
             hover=hover, colorscale="Blues", colorbar_title="p(top-1)")
         fig.data[0].update(zmin=0.0, zmax=1.0)
@@ -128,7 +132,7 @@ class LensResult:
         ys = {t: values[:, c, j].float() for j, t in enumerate(self.target_tokens)}
         p = self.positions[c]
         fig = line(ys, [escape_token(label) for label in self.labels],
-                   title=title or f"Logit lens at position {p} ({escape_token(self.tokens[p])}): target {metric}",
+                   title=title or f"{self.name} at position {p} ({escape_token(self.tokens[p])}): target {metric}",
                    x_title="layer", y_title="probability" if metric == "prob" else "rank (1 = top)",
                    log_y=metric == "rank")
         if metric == "rank":
@@ -168,13 +172,15 @@ def aligned(rows: Sequence[Sequence[str]]) -> str:
 # ---------------------------------------------------------------------- the lens
 @torch.no_grad()
 def logit_lens(model: Any, prompt: Any, targets: Sequence[Target] | Target | None = None,
-               positions: Any = None, k: int = 5) -> LensResult:
+               positions: Any = None, k: int = 5, *, lens: TunedLens | None = None) -> LensResult:
     """Logit lens of one prompt (text or token ids) over every layer.
 
     ``positions`` (by the rule of :mod:`interp.hooks.positions`; default all) limits which
     sequence positions are read, cached and unembedded. ``targets`` are token strings (one token
     each, without BOS; see :func:`interp.tokens.token_id`) or ids; their probability and rank
     (1 = top) are kept for every stage and position. ``k`` top tokens are kept per cell.
+    ``lens`` (a :class:`~interp.tuned_lens.TunedLens`) maps each stage's residual through its
+    translator first: the tuned lens (stage 0, the embedding, is read as it is).
 
     Every stage and position goes through ``model.unembed`` in one matmul (split only when the
     logits would exceed 1 GiB or a quarter of the free memory). The lens reads the residual
@@ -195,11 +201,15 @@ def logit_lens(model: Any, prompt: Any, targets: Sequence[Target] | Target | Non
     cols = sorted_positions(positions, seq)
     target_ids = token_ids(model, targets)
     k = max(1, min(int(k), model.cfg.vocab_size))
+    if lens is not None:
+        lens.check_model(model)
 
     names = ["blocks.0.resid_pre", "blocks.*.resid_post"]
     with partial_run():
         _, cache = model.run_with_cache(ids, names=names, positions=cols, stop_at_layer=model.cfg.n_layers)
     resid, _ = cache.accumulated_resid()  # [stages, 1, cols, d]
+    if lens is not None:
+        resid = lens.translate(resid)
     stages = resid.shape[0]
     flat = resid[:, 0].reshape(stages * len(cols), -1)
 
@@ -242,6 +252,7 @@ def logit_lens(model: Any, prompt: Any, targets: Sequence[Target] | Target | Non
         target_tokens=str_tokens(model, target_ids),
         target_probs=gather(t_probs) if target_ids else None,
         target_ranks=gather(t_ranks) if target_ids else None,
+        name="Logit lens" if lens is None else "Tuned lens",
     )
 
 

@@ -131,11 +131,10 @@ def site_activations(model: Any, prompts: Sequence[Any], site: str, position: in
     groups = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
     groups += [[i] for i, p in enumerate(prompts) if not isinstance(p, str)]
     for group in groups:
-        batch = [prompts[i] for i in group] if isinstance(prompts[group[0]], str) else prompts[group[0]]
-        ids, mask = model.to_tokens(batch)
-        if isinstance(batch, str) or not isinstance(prompts[group[0]], str):
-            if ids.shape[0] != 1:
-                raise ValueError(f"prompt {group[0]} is a batch of {ids.shape[0]}; pass one prompt per entry")
+        is_text = isinstance(prompts[group[0]], str)
+        ids, mask = model.to_tokens([prompts[i] for i in group] if is_text else prompts[group[0]])
+        if not is_text and ids.shape[0] != 1:
+            raise ValueError(f"prompt {group[0]} is a batch of {ids.shape[0]}; pass one prompt per entry")
         lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
         seq = ids.shape[1]
         cols = []
@@ -181,9 +180,13 @@ def steering_vector(model: Any, positives: Sequence[Any], negatives: Sequence[An
         if isinstance(prompts, (str, torch.Tensor)) or not len(prompts):
             raise ValueError(f"{what} must be a non-empty list of prompts, got {type(prompts).__name__}"
                              + ("" if isinstance(prompts, (str, torch.Tensor)) else " of length 0"))
-    pos = site_activations(model, positives, name, position, batch_size)
-    neg = site_activations(model, negatives, name, position, batch_size)
-    p_mean, n_mean = pos.mean(0), neg.mean(0)
+    means = []
+    for what, prompts in (("positives", positives), ("negatives", negatives)):
+        try:
+            means.append(site_activations(model, prompts, name, position, batch_size).mean(0))
+        except PositionError as e:
+            raise PositionError(f"{what}: {e}") from None
+    p_mean, n_mean = means
     return SteeringVector(vector=p_mean - n_mean, site=name, position=position, positive_mean=p_mean,
                           negative_mean=n_mean, n_positive=len(positives), n_negative=len(negatives))
 

@@ -15,6 +15,7 @@ from .dictionary import ARCHITECTURES, Dictionary, JumpReLUSAE, TopKSAE, Transco
 from .interventions import dictionary_hooks, run_with_dictionaries, run_with_saes
 from .io import DictionaryFileError, check_fits, download, from_hub, load_dictionary, save_dictionary
 from .quality import DictionaryComparison, FeatureEval, compare_dictionaries, evaluate
+from .training import TrainingError, TrainingLog, train
 
 
 def top_features(acts: torch.Tensor, k: int = 10, position: int = -1, row: int = 0) -> list[Top]:
@@ -31,4 +32,4 @@ __all__ = ["Dictionary", "JumpReLUSAE", "TopKSAE", "Transcoder", "ARCHITECTURES"
            "run_with_dictionaries", "run_with_saes", "load_dictionary", "save_dictionary", "check_fits", "download",
            "from_hub", "DictionaryFileError", "top_features", "evaluate", "FeatureEval", "compare_dictionaries",
            "DictionaryComparison", "feature_dashboard", "feature_index", "top_activations", "TopActivations",
-           "logit_effects"]
+           "logit_effects", "train", "TrainingLog", "TrainingError"]
