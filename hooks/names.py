@@ -164,8 +164,8 @@ class SiteNames:
         if self._layer_re is not None and (layer is not None or item.startswith(self.every_layer("")[:3])):
             near = difflib.get_close_matches(kind, kinds, n=3, cutoff=0.5)
             prefix = item[: len(item) - len(kind)] if item.endswith(kind) and not missing_layer else None
-            close = [prefix + k if prefix is not None else self.layer_format.format(layer=layers[-1]) + k
-                     for k in near]
+            last = (self.layer_format or "").format(layer=layers[-1]) if layers else ""
+            close = [prefix + k if prefix is not None else last + k for k in near]
         if not close:
             pool = self.names + tuple(self.aliases) if "model." in item else self.names
             close = difflib.get_close_matches(item, pool, n=5, cutoff=0.6)

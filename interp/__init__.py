@@ -24,13 +24,19 @@ from .attention import (
     repeated_random_tokens,
 )
 from .attribution import attribution_patch, attribution_patches
+from .circuits import Graph, Intervention, attribution_graph, intervene
+from .data import ActivationStore, Corpus, harvest
 from .display import configure_notebook_renderer
 from .dla import DLAResult, direct_logit_attribution
 from .evaluation import LMLoss, lm_loss, test_prompt
 from .features import (
+    FeatureEval,
     JumpReLUSAE,
     TopKSAE,
     Transcoder,
+    compare_dictionaries,
+    feature_dashboard,
+    feature_index,
     load_dictionary,
     run_with_dictionaries,
     run_with_saes,
@@ -52,7 +58,10 @@ from .lens import LensResult, logit_lens
 from .metrics import Metric, kl, logit_diff, prob
 from .model import Gemma3, Gemma3Cache, Gemma3Config, Generation, KVCache
 from .patching import Comparison, PatchingResult, compare, patch_sweep, patch_sweeps
+from .probes import ProbeResult, probe
+from .steering import SteeringVector, steering_vector
 from .tokens import Top
+from .tuned_lens import LensKL, TunedLens
 
 configure_notebook_renderer()  # inside a notebook kernel: figures also show outside a live kernel
 
@@ -76,5 +85,7 @@ __all__ = [
     "InductionLoss", "patch_sweep", "patch_sweeps", "attribution_patch", "attribution_patches", "compare",
     "Comparison", "PatchingResult", "logit_diff", "prob", "kl", "Metric", "Top",
     "JumpReLUSAE", "TopKSAE", "Transcoder", "load_dictionary", "run_with_dictionaries", "run_with_saes",
-    "top_features",
+    "top_features", "FeatureEval", "compare_dictionaries", "feature_dashboard", "feature_index",
+    "probe", "ProbeResult", "steering_vector", "SteeringVector", "TunedLens", "LensKL",
+    "Corpus", "harvest", "ActivationStore", "attribution_graph", "Graph", "intervene", "Intervention",
 ]

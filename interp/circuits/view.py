@@ -1,0 +1,202 @@
+"""Look at an attribution graph: a plotly view for Jupyter, and the JSON that Neuronpedia's graph
+viewer (and circuit-tracer's local server) reads.
+
+The view puts token positions across and layers up (token embeddings at the bottom, the logits
+at the top); a node's size is its influence on the logits, an edge's colour its sign (blue
+excites, red inhibits) and its width its weight. Hovering a feature shows its activation and
+influence, and, given the store it was harvested from and the transcoders, the contexts where it
+fires most.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import torch
+
+from ..plots import escape_text, escape_token
+from .graph import Graph, Node
+from .prune import influence, prune
+
+COLORS = {"embedding": "#6c757d", "feature": "#2a9d8f", "error": "#adb5bd", "logit": "#e9c46a"}
+SYMBOLS = {"embedding": "square", "feature": "circle", "error": "diamond", "logit": "star"}
+
+
+def _positions(graph: Graph) -> list[tuple[float, float]]:
+    """``(x, y)`` per node: position (features of one layer and position spread across it), layer."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, n in enumerate(graph.nodes):
+        groups.setdefault((n.layer, n.pos) if n.kind != "logit" else (n.layer, -1), []).append(i)
+    xy = [(0.0, 0.0)] * len(graph)
+    n_logits = len(groups.get((graph.n_layers, -1), []))
+    for (layer, pos), members in groups.items():
+        for j, i in enumerate(members):
+            n = graph.nodes[i]
+            if n.kind == "logit":  # spread over the last positions, right-aligned
+                x = n.pos - 0.8 * (n_logits - 1 - j) / max(n_logits, 1)
+            else:
+                x = pos + (0.8 * (j + 0.5) / len(members) - 0.4 if len(members) > 1 else 0.0)
+            xy[i] = (x, float(layer))
+    return xy
+
+
+def _contexts(store: Any, transcoders: Any, nodes: Sequence[Node], k: int = 3) -> dict[int, str]:
+    """Hover lines with each feature's top contexts in ``store`` (``{node number: html}``)."""
+    from ..features.dashboard import top_activations
+
+    if transcoders is None:
+        raise ValueError("to show top activations, pass the transcoders too: graph.plot(store=..., transcoders=...)")
+    tcs = transcoders if isinstance(transcoders, Mapping) else {
+        int(t.site.split(".")[1]): t for t in transcoders if t.site}
+    out: dict[int, str] = {}
+    by_layer: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        if n.kind == "feature" and n.layer in tcs:
+            by_layer.setdefault(n.layer, []).append(i)
+    tok = getattr(store, "tokenizer", None)
+    for layer, members in by_layer.items():
+        feats = sorted({nodes[i].index for i in members})
+        tops = top_activations(tcs[layer], store, feats, k=k, window=(8, 0), progress=False)
+        for i in members:
+            lines = []
+            for row, pos, value in tops.top(nodes[i].index):
+                words = store.token_strings(row, tok)[max(0, pos - 8):pos + 1]
+                shown = "".join(escape_token(w) for w in words[:-1]) + f"<b>{escape_token(words[-1])}</b>"
+                lines.append(f"{value:.2f}: …{shown}")
+            out[i] = "<br>".join(lines) if lines else "(never fires in the store)"
+    return out
+
+
+def plot_graph(graph: Graph, store: Any = None, transcoders: Any = None, title: str | None = None,
+               node_threshold: float = 0.8, edge_threshold: float = 0.98, max_edges: int = 400) -> go.Figure:
+    """The graph as a figure; an unpruned graph is pruned first (``node_threshold``,
+    ``edge_threshold``). At most ``max_edges`` edges are drawn (the heaviest).
+
+    >>> graph.prune().plot(store=store, transcoders=transcoders)  # doctest: +SKIP
+    """
+    g = graph if graph.pruned is not None else prune(graph, node_threshold, edge_threshold)
+    inf = influence(g)
+    inf[g.mask("logit")] = g.logit_probabilities  # logits: sized by probability
+    scale = float(inf.max()) or 1.0
+    xy = _positions(g)
+    extra = _contexts(store, transcoders, g.nodes) if store is not None else {}
+    fig = go.Figure()
+    a = g.adjacency
+    nz = a.nonzero()
+    if len(nz):
+        weights = a[nz[:, 0], nz[:, 1]]
+        order = weights.abs().argsort(descending=True)[:max_edges]
+        top = float(weights.abs().max())
+        for sign, color in ((1, "rgba(33,102,172,{a})"), (-1, "rgba(178,24,43,{a})")):
+            for lo, hi, width in ((0.5, 1.01, 3.0), (0.15, 0.5, 1.8), (0.0, 0.15, 0.8)):
+                xs: list[float | None] = []
+                ys: list[float | None] = []
+                for j in order.tolist():
+                    w = float(weights[j])
+                    if (w > 0) != (sign > 0) or not lo <= abs(w) / top < hi:
+                        continue
+                    t, s = (int(v) for v in nz[j])
+                    xs += [xy[s][0], xy[t][0], None]
+                    ys += [xy[s][1], xy[t][1], None]
+                if xs:
+                    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                                             line={"width": width, "color": color.format(a=0.25 + 0.5 * hi / 1.01)}))
+    for kind in ("embedding", "error", "feature", "logit"):
+        idx = [i for i, n in enumerate(g.nodes) if n.kind == kind]
+        if not idx:
+            continue
+        hover = []
+        for i in idx:
+            n = g.nodes[i]
+            text = f"<b>{escape_text(n.label)}</b><br>value {float(g.values[i]):.3f}"
+            if kind == "feature":
+                text += f"<br>activation {n.activation:.3f}"
+            if kind == "logit":
+                text += f"<br>probability {n.activation:.3f}"
+            text += f"<br>influence {float(inf[i]):.4f}"
+            if i in extra:
+                text += "<br><i>top activations</i><br>" + extra[i]
+            hover.append(text)
+        sizes = [6 + 22 * (float(inf[i]) / scale) ** 0.5 for i in idx]
+        fig.add_trace(go.Scatter(x=[xy[i][0] for i in idx], y=[xy[i][1] for i in idx], mode="markers", name=kind,
+                                 marker={"size": sizes, "color": COLORS[kind], "symbol": SYMBOLS[kind],
+                                         "line": {"width": 0.5, "color": "#333"}},
+                                 hovertext=hover, hoverinfo="text"))
+    seq = len(g.tokens)
+    rows = ["Emb"] + [f"L{i}" for i in range(g.n_layers)] + ["Logits"]
+    fig.update_layout(
+        title=title or escape_text(f"Attribution graph: {g!r}"), height=160 + 32 * (g.n_layers + 2),
+        xaxis={"tickmode": "array", "tickvals": list(range(seq)), "tickangle": -45,
+               "ticktext": [escape_token(t) for t in g.tokens], "range": [-0.7, seq - 0.3]},
+        yaxis={"tickmode": "array", "tickvals": list(range(-1, g.n_layers + 1)), "ticktext": rows},
+        plot_bgcolor="white", legend={"orientation": "h", "y": -0.25}, hoverlabel={"align": "left"})
+    return fig
+
+
+def _node_record(n: Node, n_layers: int, influence_rank: float, target: bool) -> dict[str, Any]:
+    if n.kind == "feature":
+        ident, js = f"{n.layer}_{n.index}_{n.pos}", f"{n.layer}_{n.index}-0"
+        feature, layer, ftype = (n.layer + n.index) * (n.layer + n.index + 1) // 2 + n.index, str(n.layer), \
+            "cross layer transcoder"
+    elif n.kind == "error":
+        ident, js, feature, layer, ftype = (f"{n.layer}_-1_{n.pos}", f"{n.layer}_-1-{n.pos}", -1, str(n.layer),
+                                            "mlp reconstruction error")
+    elif n.kind == "embedding":
+        ident, js, feature, layer, ftype = f"E_{n.index}_{n.pos}", f"E_{n.index}-{n.pos}", n.pos, "E", "embedding"
+    else:
+        layer = str(n_layers + 1)
+        ident, js, feature, ftype = f"{layer}_{n.index}_{n.pos}", f"L_{n.index}-{n.pos}", n.index, "logit"
+    record: dict[str, Any] = {"node_id": ident, "feature": feature, "layer": layer, "ctx_idx": n.pos,
+                              "feature_type": ftype, "token_prob": n.activation if n.kind == "logit" else 0.0,
+                              "is_target_logit": target, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": js,
+                              "clerp": "", "influence": influence_rank,
+                              "activation": n.activation if n.kind == "feature" else None}
+    if n.kind == "logit":
+        record["clerp"] = f"Output {n.label.removeprefix('logit ')} (p={n.activation:.3f})"
+    return record
+
+
+def to_neuronpedia(graph: Graph, path: str | os.PathLike, slug: str, scan: str | None = None,
+                   node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Path:
+    """Write ``{path}/{slug}.json`` in the graph format of Neuronpedia's viewer (circuit-tracer's
+    schema: ``metadata``, ``qParams``, ``nodes``, ``links``) and add it to
+    ``{path}/graph-metadata.json``. ``scan`` names the transcoder set (default: the model's
+    transcoders' sites). An unpruned graph is pruned first. Returns the JSON file.
+    """
+    if not slug or any(c in slug for c in "/\\") or slug.startswith("."):
+        raise ValueError(f"slug {slug!r} must be a plain file name (no slashes), e.g. 'france-capital'")
+    g = graph if graph.pruned is not None else prune(graph, node_threshold, edge_threshold)
+    inf = influence(g)
+    order = inf.argsort(descending=True)
+    total = float(inf.sum()) or 1.0
+    rank = torch.zeros(len(g))
+    rank[order] = inf[order].cumsum(0) / total  # cumulative influence, as circuit-tracer reports it
+    first_logit = next((i for i, n in enumerate(g.nodes) if n.kind == "logit"), -1)
+    nodes = [_node_record(n, g.n_layers, float(rank[i]), i == first_logit) for i, n in enumerate(g.nodes)]
+    nz = g.adjacency.nonzero()
+    links = [{"source": nodes[int(s)]["node_id"], "target": nodes[int(t)]["node_id"],
+              "weight": float(g.adjacency[t, s])} for t, s in nz]
+    meta = {"slug": slug, "scan": scan or "interp-" + "-".join(g.transcoders)[:80], "transcoder_list": g.transcoders,
+            "prompt_tokens": g.tokens, "prompt": g.prompt, "node_threshold": g.pruned.node_threshold if g.pruned
+            else node_threshold, "schema_version": 1}
+    doc = {"metadata": meta, "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
+                                         "sg_pos": ""}, "nodes": nodes, "links": links}
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{slug}.json"
+    tmp = folder / f".{slug}.json.partial"
+    tmp.write_text(json.dumps(doc), encoding="utf-8")
+    os.replace(tmp, out)
+    index = folder / "graph-metadata.json"
+    listed = json.loads(index.read_text(encoding="utf-8")).get("graphs", []) if index.is_file() else []
+    listed = [m for m in listed if m.get("slug") != slug] + [meta]
+    index.write_text(json.dumps({"graphs": listed}, indent=1), encoding="utf-8")
+    return out
+
+
+__all__ = ["plot_graph", "to_neuronpedia"]
