@@ -24,7 +24,16 @@ from .attention import (
     repeated_random_tokens,
 )
 from .attribution import attribution_patch, attribution_patches
-from .circuits import Graph, Intervention, attribution_graph, intervene
+from .circuits import (
+    EdgeScores,
+    Graph,
+    Intervention,
+    PathPatchingResult,
+    attribution_graph,
+    edge_attribution_patch,
+    intervene,
+    path_patch,
+)
 from .data import ActivationStore, Corpus, harvest
 from .display import configure_notebook_renderer
 from .dla import DLAResult, direct_logit_attribution
@@ -88,4 +97,5 @@ __all__ = [
     "top_features", "FeatureEval", "compare_dictionaries", "feature_dashboard", "feature_index",
     "probe", "ProbeResult", "steering_vector", "SteeringVector", "TunedLens", "LensKL",
     "Corpus", "harvest", "ActivationStore", "attribution_graph", "Graph", "intervene", "Intervention",
+    "path_patch", "PathPatchingResult", "edge_attribution_patch", "EdgeScores",
 ]

@@ -16,7 +16,7 @@ import torch
 
 from ..hooks import NonFiniteError
 from ..metrics import Metric, as_metric
-from ..model import Gemma3
+from ..model import Gemma3, Gemma3Cache
 from ..model.finite import check_finite
 from ..tokens import str_tokens
 from .experiments import SWEEPS
@@ -84,8 +84,14 @@ def prepare_pair(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Calla
         def to_logits(out: torch.Tensor) -> torch.Tensor:
             return out
     big = 1 << 62  # these caches are small (a few sites, batch 1); never refuse them
+
+    def cached_run(ids: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, Gemma3Cache]:
+        if not names:  # nothing to cache: a plain forward
+            return model(ids, **kwargs), Gemma3Cache({})
+        return model.run_with_cache(ids, list(names), max_bytes=big, **kwargs)
+
     with torch.no_grad():
-        out, clean_cache = model.run_with_cache(clean_ids, list(clean_names), max_bytes=big, **kwargs)
+        out, clean_cache = cached_run(clean_ids, clean_names)
         clean_logits = to_logits(out)
     corrupt_grad_cache = None
     if corrupt_grads:
@@ -96,12 +102,12 @@ def prepare_pair(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Calla
             corrupt_ids, scalar, list(corrupt_names), **kwargs)
     else:
         with torch.no_grad():
-            out, corrupt_cache = model.run_with_cache(corrupt_ids, list(corrupt_names), max_bytes=big, **kwargs)
+            out, corrupt_cache = cached_run(corrupt_ids, corrupt_names)
     with torch.no_grad():
         corrupt_logits = to_logits(out)
         for ids, logits, which in ((clean_ids, clean_logits, "clean"), (corrupt_ids, corrupt_logits, "corrupt")):
             check_finite(logits, f"the {which} run's logits",
-                         partial(model.run_with_cache, ids, list(clean_names), max_bytes=big, **kwargs))
+                         partial(cached_run, ids, clean_names))
         clean_value = float(metric.from_selected(clean_logits, seq, few)[0])
         corrupt_value = float(metric.from_selected(corrupt_logits, seq, few)[0])
     if not (math.isfinite(clean_value) and math.isfinite(corrupt_value)):

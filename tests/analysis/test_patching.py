@@ -250,3 +250,12 @@ def test_demo_sweep_equals_naive_loop(demo_model):
     pre = fast["resid_pre"].values
     country = [i for i, (a, b) in enumerate(zip(fast["resid_pre"].tokens, fast["resid_pre"].corrupt_tokens)) if a != b]
     assert pre[0, country[0]] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_prepare_pair_without_caches_scores_both_prompts():
+    m = support.make_model()
+    pair = patching.prepare_pair(m, [2, 5, 7], [2, 6, 7], logit_diff(3, 4))
+    logits = [m(torch.tensor([ids]))[0, -1] for ids in ([2, 5, 7], [2, 6, 7])]
+    assert pair.clean_value == pytest.approx(float(logits[0][3] - logits[0][4]), abs=1e-5)
+    assert pair.corrupt_value == pytest.approx(float(logits[1][3] - logits[1][4]), abs=1e-5)
+    assert len(list(pair.clean_cache.keys())) == 0
