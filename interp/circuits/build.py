@@ -83,15 +83,18 @@ def _logit_tokens(model: Gemma3, probs: torch.Tensor, logits: Any, max_logits: i
 
 def attribution_graph(model: Gemma3, prompt: Any, transcoders: Sequence[Dictionary] | Mapping[int, Dictionary], *,
                       logits: Any = None, max_logits: int = 10, logit_probability: float = 0.95,
-                      position: int = -1, batch: int = 64, max_bytes: int | None = None,
-                      progress: bool = True) -> Graph:
+                      position: int = -1, bos_features: bool = False, batch: int = 64,
+                      max_bytes: int | None = None, progress: bool = True) -> Graph:
     """The attribution graph of ``prompt`` (text or token ids, one prompt) through ``transcoders``
     (a list, or ``{layer: transcoder}``; at most one per layer, each reading an MLP's input and
     writing its output; layers without one keep their MLP whole, as error nodes).
 
     Logit nodes: the tokens ``logits`` (strings or ids), or by default the most likely next
     tokens at ``position`` until their probabilities add up to ``logit_probability`` (at most
-    ``max_logits``). ``batch`` targets share a backward pass. ``max_bytes`` caps the memory
+    ``max_logits``). Features at a leading BOS token are left out unless ``bos_features``: BOS is
+    the attention sink, its activations are huge and the same for every prompt, and they would
+    dominate the graph; what they write joins that position's error node (the graph stays
+    exact). ``batch`` targets share a backward pass. ``max_bytes`` caps the memory
     estimate (default: what the device has free).
 
     >>> g = attribution_graph(model, "The capital of France is", transcoders)  # doctest: +SKIP
@@ -108,13 +111,16 @@ def attribution_graph(model: Gemma3, prompt: Any, transcoders: Sequence[Dictiona
     was_training = model.training
     model.eval()
     try:
-        run = run_prompt(model, ids, tcs, position)
+        run = run_prompt(model, ids, tcs, position, bos_features)
         for name, t in [("logits", run.logits), *((f"layer {i} features", a) for i, a in run.acts.items())]:
             if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"the model's {name} on this prompt hold NaN or inf; no graph can be built "
                                      "(run model.check_finite = True to find the first site)")
         tokens = _logit_tokens(model, torch.softmax(run.logits, -1), logits, max_logits, logit_probability)
-        return _build(model, run, tcs, tokens, batch, max_bytes, progress)
+        with torch.enable_grad():  # also inside torch.no_grad(), as notebooks often run
+            graph = _build(model, run, tcs, tokens, batch, max_bytes, progress)
+        graph.bos_features = bos_features
+        return graph
     finally:
         model.train(was_training)
 

@@ -77,7 +77,8 @@ class Graph:
     column = source. ``tokens``: the prompt's token strings; ``logit_probabilities``: the
     probability of each logit node's token; ``logit_error``: the largest difference between the
     replacement model's logits and the model's (fp32 rounding when the graph is exact).
-    ``transcoders``: a name per transcoder (for exports); ``pruned``: set on a pruned graph."""
+    ``transcoders``: a name per transcoder (for exports); ``pruned``: set on a pruned graph;
+    ``bos_features``: whether features at a leading BOS token are nodes."""
 
     adjacency: torch.Tensor
     values: torch.Tensor
@@ -90,6 +91,7 @@ class Graph:
     logit_error: float = 0.0
     transcoders: list[str] = field(default_factory=list)
     pruned: PruneInfo | None = None
+    bos_features: bool = False
 
     # ------------------------------------------------------------------ structure
     def __len__(self) -> int:
@@ -191,7 +193,7 @@ class Graph:
         nodes = [[n.kind, n.layer, n.pos, n.index, n.label, n.activation] for n in self.nodes]
         meta = {"kind": "interp.AttributionGraph", "nodes": nodes, "tokens": self.tokens, "n_layers": self.n_layers,
                 "prompt": self.prompt, "logit_error": self.logit_error, "transcoders": self.transcoders,
-                "pruned": None if self.pruned is None else vars(self.pruned)}
+                "pruned": None if self.pruned is None else vars(self.pruned), "bos_features": self.bos_features}
         tensors = {"adjacency": self.adjacency.contiguous(), "values": self.values.contiguous(),
                    "constants": self.constants.contiguous(), "ids": self.ids.contiguous()}
         tmp = path.with_name(path.name + ".partial")
@@ -218,7 +220,7 @@ class Graph:
         pruned = None if meta.get("pruned") is None else PruneInfo(**meta["pruned"])
         return cls(t["adjacency"], t["values"], t["constants"], nodes, t["ids"], list(meta["tokens"]),
                    int(meta["n_layers"]), meta.get("prompt", ""), float(meta.get("logit_error", 0.0)),
-                   list(meta.get("transcoders", [])), pruned)
+                   list(meta.get("transcoders", [])), pruned, bool(meta.get("bos_features", False)))
 
     def __repr__(self) -> str:
         counts = {k: int(self.mask(k).sum()) for k in KINDS}

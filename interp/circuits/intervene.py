@@ -1,18 +1,18 @@
 """Check a graph by intervening on its features: set some features' activations (0 ablates) and
 compare how the logits move with what the graph predicts.
 
-Two modes:
+The graph's prediction is its direct edges: a feature set from ``act`` to ``new`` moves logit
+``t`` by ``adjacency[t, s] * (new / act - 1)`` through paths that do not pass through another
+feature. Two ways to measure:
 
 - ``"direct"``: in the local replacement model (attention patterns, norm scales *and every other
-  feature* frozen). The logits then move by exactly the features' direct edges to them,
-  ``sum_s adjacency[logit, s] * (new_s / act_s - 1)``, to fp32 rounding: a check of the graph's
-  arithmetic.
+  feature* frozen). There the prediction is exact, to fp32 rounding: a check of the graph's
+  arithmetic and of every edge into the logits.
 - ``"model"``: in the real model, through :func:`interp.features.dictionary_hooks` (the change of
   each feature's decoder output is added at its position; attention, norms and downstream
-  features respond). The graph's prediction is then linear: the change propagates along the
-  graph's edges through features that stay active (a feature's output moves by its input's
-  change), ignoring thresholds, attention and norms. Where they agree, the graph explains the
-  model's response; where they do not, something the graph freezes matters.
+  features respond). The difference from the prediction is what the graph leaves to other
+  features and to what it freezes; features of late layers, with little downstream, should
+  match closely.
 """
 
 from __future__ import annotations
@@ -86,22 +86,13 @@ def _feature_nodes(graph: Graph, features: Mapping[FeatureKey, float]) -> dict[i
     return out
 
 
-def _predict(graph: Graph, changes: dict[int, float], mode: str) -> torch.Tensor:
-    a = graph.adjacency.double()
-    acts = torch.tensor([n.activation for n in graph.nodes], dtype=torch.float64)
-    is_feat = graph.mask("feature")
-    per_unit = torch.where(is_feat[None, :] & (acts[None, :] != 0), a / acts.clamp_min(1e-30)[None, :],
-                           torch.zeros_like(a))  # effect per unit of a feature's activation
-    fixed = torch.zeros(len(graph), dtype=torch.float64)
+def _predict(graph: Graph, changes: dict[int, float]) -> torch.Tensor:
+    """Direct effect on each logit of setting features ``{node: new activation}``."""
+    scale = torch.zeros(len(graph), dtype=torch.float64)
     for i, value in changes.items():
-        fixed[i] = value - graph.nodes[i].activation
-    delta = fixed.clone()
-    if mode == "model":  # downstream active features respond linearly; set ones stay set
-        free = is_feat & (acts > 0)
-        free[list(changes)] = False
-        for _ in range(graph.n_layers + 1):
-            delta = torch.where(free, per_unit @ delta, fixed)
-    return (per_unit @ delta)[graph.mask("logit")].float()
+        act = graph.nodes[i].activation
+        scale[i] = value / act - 1.0 if act != 0 else 0.0
+    return (graph.adjacency.double() @ scale)[graph.mask("logit")].float()
 
 
 def intervene(model: Any, graph: Graph, transcoders: Sequence[Dictionary] | Mapping[int, Dictionary],
@@ -127,7 +118,7 @@ def intervene(model: Any, graph: Graph, transcoders: Sequence[Dictionary] | Mapp
     with torch.no_grad():
         before = model(ids[None])[0, position, tokens].float()
     if mode == "direct":
-        run = run_prompt(model, ids, tcs, position)
+        run = run_prompt(model, ids, tcs, position, graph.bos_features)
         acts = {layer: a.clone() for layer, a in run.acts.items()}
         for i, value in changes.items():
             n = graph.nodes[i]
@@ -146,7 +137,7 @@ def intervene(model: Any, graph: Graph, transcoders: Sequence[Dictionary] | Mapp
         with torch.no_grad():
             after = model.run_with_hooks(ids[None], hooks)[0, position, tokens].float()
     labels = [n.label.removeprefix("logit ").strip("'\"") for n in logit_nodes]
-    return Intervention(labels, before.cpu(), after.cpu(), _predict(graph, changes, mode), mode)
+    return Intervention(labels, before.cpu(), after.cpu(), _predict(graph, changes), mode)
 
 
 __all__ = ["intervene", "Intervention"]

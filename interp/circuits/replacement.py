@@ -102,8 +102,11 @@ def out_site(layer: int, transcoders: Mapping[int, Dictionary]) -> str:
 
 
 @torch.no_grad()
-def run_prompt(model: Gemma3, ids: torch.Tensor, transcoders: Mapping[int, Dictionary], position: int) -> Prompt:
-    """One forward of the real model, caching what the replacement model is built from."""
+def run_prompt(model: Gemma3, ids: torch.Tensor, transcoders: Mapping[int, Dictionary], position: int,
+               bos_features: bool = True) -> Prompt:
+    """One forward of the real model, caching what the replacement model is built from. With
+    ``bos_features=False`` the features at a leading BOS token are left out (set to 0): what
+    they wrote joins that position's error."""
     n = model.cfg.n_layers
     names = ["embed"] + [tc.site for tc in transcoders.values() if tc.site] + [out_site(i, transcoders)
                                                                              for i in range(n)]
@@ -120,7 +123,11 @@ def run_prompt(model: Gemma3, ids: torch.Tensor, transcoders: Mapping[int, Dicti
         x_in[layer] = x
         pre[layer] = tc.pre_acts(x).float()
         acts[layer] = tc.activation(tc.pre_acts(x)).float()
-        errors[layer] = actual - tc(x).float()
+        if not bos_features and int(ids[0]) == model.cfg.bos_token_id:
+            acts[layer][0] = 0.0
+        recon = (acts[layer].to(tc.W_dec.dtype) @ tc.W_dec + tc.b_dec).float()
+        skip = tc.skip(x)
+        errors[layer] = actual - (recon if skip is None else recon + skip.float())
     return Prompt(ids, cache["embed"][0], x_in, acts, pre, errors, logits[0, position].float(), position)
 
 

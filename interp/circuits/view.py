@@ -38,7 +38,7 @@ def _positions(graph: Graph) -> list[tuple[float, float]]:
         for j, i in enumerate(members):
             n = graph.nodes[i]
             if n.kind == "logit":  # spread over the last positions, right-aligned
-                x = n.pos - 0.8 * (n_logits - 1 - j) / max(n_logits, 1)
+                x = n.pos - 1.6 * (n_logits - 1 - j) / max(n_logits, 1)
             else:
                 x = pos + (0.8 * (j + 0.5) / len(members) - 0.4 if len(members) > 1 else 0.0)
             xy[i] = (x, float(layer))
@@ -123,7 +123,9 @@ def plot_graph(graph: Graph, store: Any = None, transcoders: Any = None, title: 
                 text += "<br><i>top activations</i><br>" + extra[i]
             hover.append(text)
         sizes = [6 + 22 * (float(inf[i]) / scale) ** 0.5 for i in idx]
-        fig.add_trace(go.Scatter(x=[xy[i][0] for i in idx], y=[xy[i][1] for i in idx], mode="markers", name=kind,
+        words = [escape_token(g.nodes[i].label.removeprefix("logit ")[1:-1]) for i in idx] if kind == "logit" else None
+        fig.add_trace(go.Scatter(x=[xy[i][0] for i in idx], y=[xy[i][1] for i in idx], name=kind,
+                                 mode="markers+text" if words else "markers", text=words, textposition="top center",
                                  marker={"size": sizes, "color": COLORS[kind], "symbol": SYMBOLS[kind],
                                          "line": {"width": 0.5, "color": "#333"}},
                                  hovertext=hover, hoverinfo="text"))

@@ -91,6 +91,10 @@ class Corpus:
             self._texts = [str(t) for t in source]
             self.name = name or f"{len(self._texts)} texts"
 
+    def __repr__(self) -> str:
+        held = f"{len(self._texts)} documents in memory" if self._texts is not None else f"file {self.path}"
+        return f"Corpus({self.name!r}, {held})"
+
     def documents(self) -> Iterator[str]:
         """The documents, in order (empty ones skipped)."""
         if self._texts is not None:

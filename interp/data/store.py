@@ -49,12 +49,13 @@ def _open(path: Path) -> Any:
 
 class SiteView:
     """One site of a store, read lazily: ``view[rows]`` (an int, slice or list of rows) reads only
-    the shards that hold them. ``shape`` is ``(rows, positions, *dims)``."""
+    the shards that hold them. ``shape`` is ``(rows, positions, *dims)``, ``dtype`` the stored one."""
 
     def __init__(self, store: ActivationStore, site: str):
         self.store, self.site = store, site
         info = store.manifest["sites"][site]
         self.shape = (store.n_rows, len(store.positions), *info["dims"])
+        self.dtype: torch.dtype = store.dtype
 
     def __len__(self) -> int:
         return self.shape[0]

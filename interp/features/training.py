@@ -667,6 +667,7 @@ def _load_checkpoint(folder: Path, settings: dict[str, Any]) -> tuple[int, dict[
 
 
 # ---------------------------------------------------------------------- train
+@torch.enable_grad()  # works inside torch.no_grad() / set_grad_enabled(False), as notebooks often are
 def train(source: Any, kind: str = "jumprelu", *, d_sae: int, steps: int, seed: int = 0,
           device: str | torch.device | None = None, progress: bool = True,
           checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,

@@ -80,6 +80,16 @@ def test_mqa_config_and_a_bad_edge_would_be_seen():
         g.check()
 
 
+def test_bos_features_are_left_out_unless_asked_for(model, tcs, graph):
+    assert graph.bos_features is False and not any(n.pos == 0 for n in graph.nodes if n.kind == "feature")
+    with_bos = attribution_graph(model, IDS, tcs, bos_features=True, progress=False)
+    assert any(n.pos == 0 for n in with_bos.nodes if n.kind == "feature") and with_bos.check() < 1e-6
+    # what BOS features wrote is in the error nodes at position 0 instead
+    err = [i for i, n in enumerate(graph.nodes) if n.kind == "error" and n.pos == 0 and n.layer == 0]
+    err_b = [i for i, n in enumerate(with_bos.nodes) if n.kind == "error" and n.pos == 0 and n.layer == 0]
+    assert float(graph.values[err[0]]) != pytest.approx(float(with_bos.values[err_b[0]]))
+
+
 def test_batch_size_does_not_change_the_graph(model, tcs, graph):
     other = attribution_graph(model, IDS, tcs, batch=7, progress=False)
     torch.testing.assert_close(other.adjacency, graph.adjacency, atol=1e-6, rtol=1e-5)
@@ -88,7 +98,7 @@ def test_batch_size_does_not_change_the_graph(model, tcs, graph):
 
 def test_replacement_model_reproduces_the_logits_only_with_its_errors(model, tcs):
     tc_map = resolve_transcoders(model, tcs)
-    run = run_prompt(model, IDS, tc_map, -1)
+    run = run_prompt(model, IDS, tc_map, -1, bos_features=False)
     tokens = torch.arange(TINY.vocab_size)
     with torch.no_grad():
         full = final_logits(model, replacement_forward(model, run, tc_map), len(IDS) - 1, tokens)
@@ -103,7 +113,7 @@ def test_each_edge_is_a_direct_effect(model, tcs, graph):
     moves by (scale - 1) * edge when all other features are held (an independent forward, not a
     gradient)."""
     tc_map = resolve_transcoders(model, tcs)
-    run = run_prompt(model, IDS, tc_map, -1)
+    run = run_prompt(model, IDS, tc_map, -1, bos_features=False)
     feats = [(i, n) for i, n in enumerate(graph.nodes) if n.kind == "feature" and n.layer == 0]
     src, node = max(feats, key=lambda f: graph.adjacency[:, f[0]].abs().sum())
     base = replacement_forward(model, run, tc_map)
@@ -127,9 +137,7 @@ def test_intervene_direct_is_exact_and_model_mode_runs_the_real_model(model, tcs
     assert r2.max_error < 1e-5
     real = intervene(model, graph, tcs, {n.key: 0.0 for n in top}, mode="model")
     assert real.mode == "model" and torch.isfinite(real.change).all() and real.change.abs().max() > 1e-4
-    last = [n for n in graph.nodes if n.kind == "feature" and n.layer == 5][:2]  # nothing downstream: same prediction
-    torch.testing.assert_close(intervene(model, graph, tcs, {n.key: 0.0 for n in last}, mode="model").predicted,
-                               intervene(model, graph, tcs, {n.key: 0.0 for n in last}).predicted)
+    assert torch.equal(real.predicted, r.predicted)  # the graph predicts direct effects in both modes
     assert "graph predicts" in [t.name for t in r.plot().data]
     assert not model.registry.active and torch.equal(logits_before(model), before)
     with pytest.raises(ValueError, match="error node"):
@@ -201,7 +209,7 @@ def test_neuronpedia_json(graph, tmp_path):
 
 def test_plot_escapes_tokens_and_sizes_by_influence(graph):
     fig = graph.plot()
-    names = [t.name for t in fig.data if t.mode == "markers"]
+    names = [t.name for t in fig.data if t.mode != "lines"]
     assert names == ["embedding", "error", "feature", "logit"]
     assert SCRIPT not in fig.to_json() and "&lt;script&gt;" in fig.to_json()
     feats = next(t for t in fig.data if t.name == "feature")
@@ -261,4 +269,4 @@ def test_demo_graph_is_exact(demo_model):
     assert g.logit_error < 1e-3
     assert "logit ' Paris'" in [n.label for n in g.nodes if n.kind == "logit"]  # real tokenizer, real predictions
     assert g.check() < 1e-6
-    assert int(g.mask("feature").sum()) == 3 * 8 * len(g.tokens)
+    assert int(g.mask("feature").sum()) == 3 * 8 * (len(g.tokens) - 1)  # TopK: 8 per token; none at BOS

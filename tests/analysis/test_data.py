@@ -297,6 +297,7 @@ def test_store_equals_run_with_cache_in_bfloat16(model, packed):
     for site in SITES:
         view = store[site]
         assert view.shape == (rows.n_rows, 12, *dims[site]) and len(view) == rows.n_rows
+        assert view.dtype == torch.bfloat16
         got = view[:]
         assert got.dtype == torch.bfloat16 and torch.equal(got, want[site]), site
         assert torch.equal(view[7], want[site][7]) and torch.equal(view[-1], want[site][-1])
@@ -777,3 +778,10 @@ def test_cli_bad_corpus_is_a_one_line_error(tiny_hf, tmp_path, capsys, corpus, m
     assert rc == 1
     assert re.search(match, _one_line_error(capsys))
     assert not (out / "plan.json").exists()
+
+
+def test_corpus_repr_names_it(tmp_path):
+    assert repr(Corpus(["a", "b"])) == "Corpus('2 texts', 2 documents in memory)"
+    path = tmp_path / "c.txt"
+    path.write_text("x\n\ny")
+    assert repr(Corpus(path)) == f"Corpus('c.txt', file {path})"

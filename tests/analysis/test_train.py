@@ -463,3 +463,10 @@ def test_a_diverging_run_is_reported(planted):
     with pytest.raises(NonFiniteError, match=r"training diverged by step \d+"):
         train(planted[0][:512], "topk", d_sae=16, steps=20, batch_size=64, k=2, lr=1e30, log_every=1,
               progress=False)
+
+
+def test_trains_with_gradients_switched_off_globally():
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae = train(x, "topk", d_sae=16, steps=5, k=2, batch_size=128, progress=False)
+    assert torch.equal(sae.W_dec, train(x, "topk", d_sae=16, steps=5, k=2, batch_size=128, progress=False).W_dec)
