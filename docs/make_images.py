@@ -48,6 +48,10 @@ def main() -> None:
     result = interp.patch_sweep(m, prompt, "The capital of Italy is", logit_diff(" Paris", " Rome"),
                                 site="resid_pre", progress=False)
     snap(result.plot(), "patching_resid_pre", width=800, height=620)
+    from interp.features.demo import demo_transcoders  # trained and cached on first use (a few minutes)
+
+    graph = interp.attribution_graph(m, prompt, demo_transcoders(m), progress=False)
+    snap(graph.prune(0.6, 0.9).plot(), "attribution_graph", width=900, height=780)
 
 
 if __name__ == "__main__":

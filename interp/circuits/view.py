@@ -3,9 +3,10 @@ viewer (and circuit-tracer's local server) reads.
 
 The view puts token positions across and layers up (token embeddings at the bottom, the logits
 at the top); a node's size is its influence on the logits, an edge's colour its sign (blue
-excites, red inhibits) and its width its weight. Hovering a feature shows its activation and
-influence, and, given the store it was harvested from and the transcoders, the contexts where it
-fires most.
+excites, red inhibits) and its width its share of the target's input times the target's
+influence (the edges that matter most for the logits are drawn, at most ``max_edges``). Hovering
+a feature shows its activation and influence, and, given the store it was harvested from and the
+transcoders, the contexts where it fires most.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from ..plots import escape_text, escape_token
 from .graph import Graph, Node
-from .prune import influence, prune
+from .prune import influence, normalized, prune
 
 COLORS = {"embedding": "#6c757d", "feature": "#2a9d8f", "error": "#adb5bd", "logit": "#e9c46a"}
 SYMBOLS = {"embedding": "square", "feature": "circle", "error": "diamond", "logit": "star"}
@@ -34,11 +35,12 @@ def _positions(graph: Graph) -> list[tuple[float, float]]:
         groups.setdefault((n.layer, n.pos) if n.kind != "logit" else (n.layer, -1), []).append(i)
     xy = [(0.0, 0.0)] * len(graph)
     n_logits = len(groups.get((graph.n_layers, -1), []))
+    seq = len(graph.tokens)
     for (layer, pos), members in groups.items():
         for j, i in enumerate(members):
             n = graph.nodes[i]
-            if n.kind == "logit":  # spread over the last positions, right-aligned
-                x = n.pos - 1.6 * (n_logits - 1 - j) / max(n_logits, 1)
+            if n.kind == "logit":  # across the whole top row, the most likely at the right
+                x = (seq - 1) * (1 - j / max(n_logits - 1, 1)) if n_logits > 1 else float(n.pos)
             else:
                 x = pos + (0.8 * (j + 0.5) / len(members) - 0.4 if len(members) > 1 else 0.0)
             xy[i] = (x, float(layer))
@@ -89,16 +91,18 @@ def plot_graph(graph: Graph, store: Any = None, transcoders: Any = None, title: 
     a = g.adjacency
     nz = a.nonzero()
     if len(nz):
-        weights = a[nz[:, 0], nz[:, 1]]
-        order = weights.abs().argsort(descending=True)[:max_edges]
-        top = float(weights.abs().max())
-        for sign, color in ((1, "rgba(33,102,172,{a})"), (-1, "rgba(178,24,43,{a})")):
+        # an edge's weight for drawing: its share of the target's input times the target's influence
+        # (raw weights are in each target's own units: a feature's pre-activation, a logit)
+        score = (normalized(a) * inf[:, None])[nz[:, 0], nz[:, 1]]
+        signs = a[nz[:, 0], nz[:, 1]] > 0
+        order = score.argsort(descending=True)[:max_edges]
+        top = float(score.max()) or 1.0
+        for sign, color in ((True, "rgba(33,102,172,{a})"), (False, "rgba(178,24,43,{a})")):
             for lo, hi, width in ((0.5, 1.01, 3.0), (0.15, 0.5, 1.8), (0.0, 0.15, 0.8)):
                 xs: list[float | None] = []
                 ys: list[float | None] = []
                 for j in order.tolist():
-                    w = float(weights[j])
-                    if (w > 0) != (sign > 0) or not lo <= abs(w) / top < hi:
+                    if bool(signs[j]) != sign or not lo <= float(score[j]) / top < hi:
                         continue
                     t, s = (int(v) for v in nz[j])
                     xs += [xy[s][0], xy[t][0], None]
@@ -130,9 +134,12 @@ def plot_graph(graph: Graph, store: Any = None, transcoders: Any = None, title: 
                                          "line": {"width": 0.5, "color": "#333"}},
                                  hovertext=hover, hoverinfo="text"))
     seq = len(g.tokens)
+    default_title = f"Attribution graph: {int(g.mask('feature').sum())} features, {int(g.mask('error').sum())} errors"
+    if g.pruned is not None:
+        default_title += f" (pruned: {g.pruned.node_influence_kept:.0%} of the influence)"
     rows = ["Emb"] + [f"L{i}" for i in range(g.n_layers)] + ["Logits"]
     fig.update_layout(
-        title=title or escape_text(f"Attribution graph: {g!r}"), height=160 + 32 * (g.n_layers + 2),
+        title=title or default_title, height=160 + 32 * (g.n_layers + 2),
         xaxis={"tickmode": "array", "tickvals": list(range(seq)), "tickangle": -45,
                "ticktext": [escape_token(t) for t in g.tokens], "range": [-0.7, seq - 0.3]},
         yaxis={"tickmode": "array", "tickvals": list(range(-1, g.n_layers + 1)), "ticktext": rows},
