@@ -25,7 +25,7 @@ from .training import train
 
 
 def _plan(model: Gemma3, layers: Sequence[int] | None, tokens: int, d_sae: int, k: int, steps: int, batch_size: int,
-          lr: float, seed: int, folder: str | os.PathLike | None) -> tuple[dict[str, Any], Path]:
+          lr: float, seed: int, folder: str | os.PathLike | None, corpus: Any) -> tuple[dict[str, Any], Path]:
     from ..data import model_fingerprint
 
     n = model.cfg.n_layers
@@ -34,16 +34,20 @@ def _plan(model: Gemma3, layers: Sequence[int] | None, tokens: int, d_sae: int, 
         raise ValueError(f"layers must be layer numbers in 0..{n - 1}, got {layers!r}")
     settings = {"tokens": tokens, "d_sae": d_sae, "k": k, "steps": steps, "batch_size": batch_size, "lr": lr,
                 "seed": seed, "layers": chosen, "model": model_fingerprint(model)}
+    if corpus is not None:  # the default corpus is not named, so caches made before this option still match
+        settings["corpus"] = getattr(corpus, "name", repr(corpus))
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return settings, Path(folder) if folder is not None else cache_root() / "transcoders" / key
 
 
 def demo_transcoders(model: Gemma3, layers: Sequence[int] | None = None, *, tokens: int = 8192, d_sae: int = 512,
                      k: int = 16, steps: int = 150, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
-                     folder: str | os.PathLike | None = None, progress: bool = True) -> list[Dictionary]:
+                     folder: str | os.PathLike | None = None, corpus: Any = None,
+                     progress: bool = True) -> list[Dictionary]:
     """One TopK transcoder per layer in ``layers`` (default all), reading ``blocks.L.pre_mlp_norm``
     and predicting ``blocks.L.post_mlp_norm``, trained on ``tokens`` tokens of
-    :func:`interp.data.stdlib_corpus`. Cached in ``folder`` (default: a folder under
+    ``corpus`` (default :func:`interp.data.stdlib_corpus`; anything
+    :class:`~interp.data.Corpus` takes). Cached in ``folder`` (default: a folder under
     :func:`interp.model.demo.cache_root` named by the model's fingerprint and these settings); the harvested store
     stays there too (``folder/store``, about ``tokens * layers * 2 * d_model * 2`` bytes) for
     dashboards and graph hovers.
@@ -52,15 +56,15 @@ def demo_transcoders(model: Gemma3, layers: Sequence[int] | None = None, *, toke
     """
     from ..data import harvest, stdlib_corpus
 
-    settings, root = _plan(model, layers, tokens, d_sae, k, steps, batch_size, lr, seed, folder)
+    settings, root = _plan(model, layers, tokens, d_sae, k, steps, batch_size, lr, seed, folder, corpus)
     chosen = settings["layers"]
     done = {i: root / f"layer_{i}" for i in chosen}
     if not all((p / "cfg.json").is_file() for p in done.values()):
         root.mkdir(parents=True, exist_ok=True)
         (root / "settings.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
         sites = [f"blocks.{i}.{kind}" for i in chosen for kind in ("pre_mlp_norm", "post_mlp_norm")]
-        store = harvest(model, stdlib_corpus(), sites, root / "store", context=128, max_tokens=tokens,
-                        model_source="demo", progress=progress)
+        store = harvest(model, stdlib_corpus() if corpus is None else corpus, sites, root / "store", context=128,
+                        max_tokens=tokens, model_source="demo", progress=progress)
         for i in chosen:
             if (done[i] / "cfg.json").is_file():
                 continue
@@ -78,14 +82,15 @@ def demo_transcoders(model: Gemma3, layers: Sequence[int] | None = None, *, toke
 
 def demo_store(model: Gemma3, layers: Sequence[int] | None = None, *, tokens: int = 8192, d_sae: int = 512,
                k: int = 16, steps: int = 150, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
-               folder: str | os.PathLike | None = None, progress: bool = True) -> Any:
+               folder: str | os.PathLike | None = None, corpus: Any = None, progress: bool = True) -> Any:
     """The :class:`~interp.data.ActivationStore` that :func:`demo_transcoders` (same arguments)
     harvests, training the transcoders first if they are not cached yet."""
     from ..data import ActivationStore
 
     demo_transcoders(model, layers, tokens=tokens, d_sae=d_sae, k=k, steps=steps, batch_size=batch_size, lr=lr,
-                     seed=seed, folder=folder, progress=progress)
-    return ActivationStore(_plan(model, layers, tokens, d_sae, k, steps, batch_size, lr, seed, folder)[1] / "store")
+                     seed=seed, folder=folder, corpus=corpus, progress=progress)
+    return ActivationStore(_plan(model, layers, tokens, d_sae, k, steps, batch_size, lr, seed, folder, corpus)[1]
+                           / "store")
 
 
 __all__ = ["demo_transcoders", "demo_store"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harvest_worker import build_model
+from harvest_worker import build_model, documents
 
 import interp.data
 import interp.features.demo as demo
@@ -13,7 +13,7 @@ from interp.circuits import attribution_graph
 from interp.features import Transcoder
 from interp.features.demo import demo_store, demo_transcoders
 
-SMALL = {"tokens": 512, "d_sae": 32, "k": 4, "steps": 6, "batch_size": 64}
+SMALL = {"tokens": 512, "d_sae": 32, "k": 4, "steps": 6, "batch_size": 64, "corpus": documents(120)}
 
 
 @pytest.fixture(scope="module")
