@@ -1,9 +1,11 @@
 """Linear probes: what a site's activations say about a label, at every site in one fit.
 
 :func:`probe` trains one probe per site on ``[n, d]`` activations (one example per row) and
-scores it on a held-out split. All sites are fitted in one optimisation: the features are
-stacked ``[sites, n, d]`` and the loss is the sum of the sites' losses, which is separable, so
-the result is that of fitting each site alone, at the cost of one run.
+scores it on a held-out split. On a GPU all sites are fitted in one optimisation: the features
+are stacked ``[sites, n, d]`` and the loss is the sum of the sites' losses, which is separable,
+so the result is that of fitting each site alone, at the cost of one run. On a CPU each site is
+fitted on its own (its data then stays in the processor's cache: about 5x faster for the 26
+sites of the 1B model, measured by ``bench/harvest.py``).
 
 - ``kind="logistic"``: classification (two classes: one logit; more: a softmax), L2-penalised,
   full-batch L-BFGS. Scores are accuracies.
@@ -369,7 +371,11 @@ def probe(source: Any, labels: Any, sites: str | Sequence[str] | None = None, ki
     z = (feats - mean[:, None]) / std[:, None]  # [S, n, d]
 
     if kind == "logistic":
-        w, b = _fit_logistic(z[:, train], y[train], len(classes), weight_decay, steps)
+        if z.device.type == "cpu":  # one site at a time: its data stays in cache (about 5x faster, bench/harvest.py)
+            fits = [_fit_logistic(z[i:i + 1, train], y[train], len(classes), weight_decay, steps) for i in range(S)]
+            w, b = torch.cat([f[0] for f in fits]), torch.cat([f[1] for f in fits])
+        else:
+            w, b = _fit_logistic(z[:, train], y[train], len(classes), weight_decay, steps)
         logits = torch.baddbmm(b[:, None, :], z, w)  # [S, n, C']
         pred = (logits[..., 0] > 0).long() if w.shape[-1] == 1 else logits.argmax(-1)
         correct = (pred == y).float()

@@ -38,7 +38,8 @@ def add_parser(sub: Any, common: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
     p.add_argument("--store-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="dtype of the stored activations (default bfloat16)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 16, help="tokens per shard (default 65536)")
+    p.add_argument("--shard-tokens", type=int, default=None,
+                   help="tokens per shard (default: as many rows as fit in 256 MiB of activations)")
     p.add_argument("--no-pack", action="store_true", help="one document per row (truncated, padded) instead of packing")
 
 

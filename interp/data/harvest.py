@@ -2,7 +2,7 @@
 
 ``harvest(model, corpus, names, out_dir)`` tokenizes the corpus into rows, runs the model over
 them in batches (only up to the last harvested layer; no logits unless asked), and writes the
-activations as safetensors shards of ``shard_tokens`` tokens. Writing happens in a background
+activations as safetensors shards (256 MiB by default). Writing happens in a background
 thread, so the disk never stalls the forward passes. Safe to kill at any moment:
 
 - ``plan.json`` (the settings) and ``rows.safetensors`` (the token ids of every row, and where
@@ -19,6 +19,7 @@ done. The store is the same as a single process's.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -38,6 +39,9 @@ from ..progress import progress_bar
 from .corpus import PAD_DOC, Corpus, Rows
 from .distributed import Group
 from .store import DTYPES, FORMAT, MANIFEST, PLAN, ROWS, ActivationStore, shard_name
+
+SHARD_BYTES = 256 << 20
+"""Default shard size in bytes (all sites together): rows per shard = SHARD_BYTES // bytes per row."""
 
 
 class HarvestError(ValueError):
@@ -72,7 +76,7 @@ def _dims(model: Gemma3, site: str) -> list[int]:
 
 def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str | os.PathLike, *,
             context: int = 128, batch_size: int = 8, dtype: torch.dtype = torch.bfloat16, positions: Any = None,
-            max_tokens: int | None = None, pack: bool = True, shard_tokens: int = 1 << 16,
+            max_tokens: int | None = None, pack: bool = True, shard_tokens: int | None = None,
             model_source: str | None = None, progress: bool = True) -> ActivationStore:
     """Run ``model`` over ``corpus`` and store the activations of ``names`` in ``out_dir``.
 
@@ -84,6 +88,12 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
     against an estimate first. ``model_source`` (e.g. ``"demo"``) is recorded so the store can
     find the tokenizer again. Returns the :class:`~interp.data.store.ActivationStore`.
 
+    A shard holds ``shard_tokens`` tokens' rows, by default as many rows as fit in
+    :data:`SHARD_BYTES` (256 MiB). Memory stays bounded whatever the corpus size: each shard is
+    filled in place in one preallocated buffer per site, at most two finished shards wait for
+    the writer, and freed memory goes back to the system after each write (about three shards,
+    plus the model's own working memory).
+
     >>> store = interp.harvest(m, interp.data.stdlib_corpus(max_docs=200), "blocks.*.resid_post",
     ...                        "harvest/", context=64, max_tokens=20_000)          # doctest: +SKIP
     """
@@ -94,6 +104,8 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
     if model.tokenizer is None:
         raise HarvestError("harvesting text needs the model's tokenizer")
     for name, value in (("batch_size", batch_size), ("shard_tokens", shard_tokens)):
+        if name == "shard_tokens" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise HarvestError(f"{name} must be a positive int, got {value!r}")
     sites, stop = _sites(model, names)
@@ -105,7 +117,9 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
     kept = keep.nonzero().flatten().tolist()
     if not kept:
         raise HarvestError(f"positions={positions!r} selects no position of a {context}-token row")
-    shard_rows = max(1, shard_tokens // context)
+    dims = {s: _dims(model, s) for s in sites}
+    per_row = len(kept) * sum(torch.Size(dims[s]).numel() for s in sites) * dtype.itemsize
+    shard_rows = max(1, shard_tokens // context if shard_tokens is not None else SHARD_BYTES // per_row)
     plan: dict[str, Any] = {
         "format": FORMAT,
         "model": {"fingerprint": model_fingerprint(model), "config": model.cfg.to_dict(),
@@ -116,8 +130,6 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
         "corpus": corpus.describe(), "n_docs": rows.n_docs,
     }
     n_shards = -(-rows.n_rows // shard_rows)
-    dims = {s: _dims(model, s) for s in sites}
-    per_row = len(kept) * sum(torch.Size(dims[s]).numel() for s in sites) * dtype.itemsize
     if group.rank == 0:
         _prepare(out, plan, rows, per_row * rows.n_rows)
     group.barrier()
@@ -130,7 +142,7 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
         with torch.no_grad():
             for k in todo:
                 lo, hi = k * shard_rows, min((k + 1) * shard_rows, rows.n_rows)
-                parts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+                bufs = {s: torch.empty(hi - lo, len(kept), *dims[s], dtype=dtype) for s in sites}
                 for a in range(lo, hi, batch_size):
                     b = min(a + batch_size, hi)
                     ids = rows.ids[a:b]
@@ -140,9 +152,11 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
                         ids, sites, positions=kept, dtype=dtype, device="cpu", max_bytes=1 << 62,
                         attention_mask=None if bool(mask.all()) else mask, **kwargs)
                     for s in sites:
-                        parts[s].append(cache[s])
+                        bufs[s][a - lo:b - lo] = cache[s]
+                    del cache
                     bar.update(int(rows.mask[a:b][:, kept].sum()))
-                writer.submit(k, {s: torch.cat(parts[s]) for s in sites})
+                writer.submit(k, bufs)
+                del bufs
             writer.close()
     finally:
         writer.close(wait=False)
@@ -215,6 +229,15 @@ def _write_manifest(out: Path, plan: dict[str, Any], n_shards: int, rows: Rows, 
     _atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1), encoding="utf-8"))
 
 
+def _give_back_memory() -> None:
+    """Return freed heap memory to the system (glibc's malloc_trim), so a long harvest's resident
+    memory follows what it holds, not what it once held; a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Writer:
     """Writes shards in a background thread, at most two queued (memory stays bounded)."""
 
@@ -229,8 +252,13 @@ class _Writer:
         while len(self.pending) >= 2:
             self.pending.pop(0).result()
         meta = {"format": FORMAT}  # one key: safetensors writes several in no fixed order (shards byte-stable)
-        self.pending.append(self.pool.submit(
-            _atomic, self.out / shard_name(k), lambda p: save_file(tensors, str(p), metadata=meta)))
+
+        def write() -> None:
+            _atomic(self.out / shard_name(k), lambda p: save_file(tensors, str(p), metadata=meta))
+            tensors.clear()
+            _give_back_memory()
+
+        self.pending.append(self.pool.submit(write))
 
     def close(self, wait: bool = True) -> None:
         if wait:
@@ -240,4 +268,4 @@ class _Writer:
         self.pool.shutdown(wait=wait)
 
 
-__all__ = ["harvest", "HarvestError", "model_fingerprint"]
+__all__ = ["harvest", "HarvestError", "model_fingerprint", "SHARD_BYTES"]

@@ -217,25 +217,43 @@ def top_activations(dictionary: Dictionary, store: Any, features: Iterable[int] 
 
 
 # ---------------------------------------------------------------------- logit effects
-@torch.no_grad()
-def logit_effects(model: Any, dictionary: Dictionary, feature: int, k: int = 10
-                  ) -> tuple[list[tuple[int, str, float]], list[tuple[int, str, float]]] | None:
+Effects = tuple[list[tuple[int, str, float]], list[tuple[int, str, float]]]
+
+
+def logit_effects(model: Any, dictionary: Dictionary, feature: int, k: int = 10) -> Effects | None:
     """The ``k`` tokens whose logits the feature's decoder direction raises most, and the ``k`` it
     lowers most: ``(W_dec[f] * (1 + final_norm.weight)) @ W_E.T`` (the final norm's
     data-dependent scale left out; see the module docstring). ``[(token id, token, effect), ...]``
     each; None when the dictionary's output is not residual-stream wide."""
+    return logit_effects_of(model, dictionary, [int(feature)], k).get(int(feature))
+
+
+@torch.no_grad()
+def logit_effects_of(model: Any, dictionary: Dictionary, features: list[int], k: int = 10,
+                     chunk: int = 64) -> dict[int, Effects]:
+    """:func:`logit_effects` of many features, ``chunk`` at a time through one matmul with the
+    unembedding each (one pass over the vocabulary per chunk, not per feature); ``{}`` when the
+    dictionary's output is not residual-stream wide."""
     if dictionary.d_out != model.cfg.d_model:
-        return None
-    direction = dictionary.W_dec[int(feature)].to(device=model.embed.weight.device, dtype=torch.float32)
-    direction = direction * (1.0 + model.final_norm.weight.float())
-    effect = model.embed.weight.float() @ direction  # [vocab]
-    kk = min(k, effect.numel())
-    out = []
-    for largest in (True, False):
-        v, i = effect.topk(kk, largest=largest)
-        names = str_tokens(model, i.tolist())
-        out.append([(int(t), s, float(x)) for t, s, x in zip(i.tolist(), names, v.tolist())])
-    return out[0], out[1]
+        return {}
+    emb = model.embed.weight
+    gain = 1.0 + model.final_norm.weight.float()
+    out: dict[int, Effects] = {}
+    for start in range(0, len(features), chunk):
+        part = features[start:start + chunk]
+        idx = torch.tensor(part, device=dictionary.W_dec.device)
+        directions = dictionary.W_dec[idx].to(device=emb.device, dtype=torch.float32) * gain  # [c, d]
+        effect = emb.float() @ directions.T  # [vocab, c]
+        kk = min(k, effect.shape[0])
+        high_v, high_i = effect.topk(kk, dim=0)
+        low_v, low_i = effect.topk(kk, dim=0, largest=False)
+        for j, f in enumerate(part):
+            pair = []
+            for v, i in ((high_v[:, j], high_i[:, j]), (low_v[:, j], low_i[:, j])):
+                names = str_tokens(model, i.tolist())
+                pair.append([(int(t), n, float(x)) for t, n, x in zip(i.tolist(), names, v.tolist())])
+            out[f] = (pair[0], pair[1])
+    return out
 
 
 # ---------------------------------------------------------------------- pages
@@ -335,8 +353,8 @@ def _histogram_html(tops: TopActivations, feature: int, div_id: str) -> str:
     return fig.to_html(include_plotlyjs=False, full_html=False, div_id=div_id)
 
 
-def _logits_html(model: Any, dictionary: Dictionary, feature: int, k: int) -> str:
-    effects = logit_effects(model, dictionary, feature, k)
+def _logits_html(model: Any, dictionary: Dictionary, feature: int, k: int, effects: Effects | None = None) -> str:
+    effects = effects if effects is not None else logit_effects(model, dictionary, feature, k)
     if effects is None:
         return (f'<p class="note">The dictionary writes width {dictionary.d_out}, not the residual stream\'s '
                 f'{model.cfg.d_model}: no logit effects.</p>')
@@ -354,7 +372,7 @@ def _logits_html(model: Any, dictionary: Dictionary, feature: int, k: int) -> st
 
 
 def _page(model: Any, dictionary: Dictionary, feature: int, tops: TopActivations, tokens: _Tokens, *, k_logits: int,
-          plotlyjs: str, index_link: bool = False) -> str:
+          plotlyjs: str, index_link: bool = False, effects: Effects | None = None) -> str:
     i = tops.index_of(feature)
     freq = tops.frequency(feature)
     count = int(tops.count[i])
@@ -379,7 +397,7 @@ def _page(model: Any, dictionary: Dictionary, feature: int, tops: TopActivations
 <h2>Activation histogram</h2>
 {_histogram_html(tops, feature, f"hist-{int(feature)}")}
 <h2>Logit effects</h2>
-<div class="logits">{_logits_html(model, dictionary, feature, k_logits)}</div>
+<div class="logits">{_logits_html(model, dictionary, feature, k_logits, effects)}</div>
 </body></html>
 """
 
@@ -428,10 +446,11 @@ def feature_index(model: Any, dictionary: Dictionary, store: Any, features: Iter
     (out / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
     entries = []
     rows_html = []
+    effects = logit_effects_of(model, d, tops.features.tolist(), k_logits)
     for f in tops.features.tolist():
         i = tops.index_of(f)
         (out / page_name(f)).write_text(_page(model, d, f, tops, tokens, k_logits=k_logits, plotlyjs="plotly.min.js",
-                                              index_link=True), encoding="utf-8")
+                                              index_link=True, effects=effects.get(f)), encoding="utf-8")
         top = tops.top(f)
         common = Counter(tokens.row(r).get(p, "") for r, p, _ in top).most_common(5)
         entries.append({"feature": f, "page": page_name(f), "count": int(tops.count[i]),
@@ -461,4 +480,5 @@ def feature_index(model: Any, dictionary: Dictionary, store: Any, features: Iter
     return out
 
 
-__all__ = ["top_activations", "TopActivations", "feature_dashboard", "feature_index", "logit_effects", "page_name"]
+__all__ = ["top_activations", "TopActivations", "feature_dashboard", "feature_index", "logit_effects",
+           "logit_effects_of", "page_name"]

@@ -25,7 +25,14 @@ from support import SCRIPT, TINY, make_model
 
 from interp.data import ActivationStore, harvest
 from interp.features import JumpReLUSAE, Transcoder
-from interp.features.dashboard import feature_dashboard, feature_index, logit_effects, page_name, top_activations
+from interp.features.dashboard import (
+    feature_dashboard,
+    feature_index,
+    logit_effects,
+    logit_effects_of,
+    page_name,
+    top_activations,
+)
 
 D = TINY.d_model
 TILDE = 3 + ord("~") - 32  # 97
@@ -363,3 +370,12 @@ def test_chromium_shows_the_token_as_text(model, store, tmp_path):
     assert visible.count(SCRIPT) >= 5, visible[:2000]
     assert not any("alert(1)" in s for s in seen.scripts)
     assert "Feature 0" in visible and "Top activations" in visible
+
+
+def test_logit_effects_of_many_features_equal_one_at_a_time(model):
+    d = JumpReLUSAE.random(D, 70, site="blocks.1.resid_post", seed=5)
+    many = logit_effects_of(model, d, list(range(70)), k=5, chunk=16)  # several chunks
+    for f in (0, 15, 16, 69):  # same tokens; values equal to float32 rounding (another matmul shape)
+        for got, want in zip(many[f], logit_effects(model, d, f, k=5)):
+            assert [t for t, _, _ in got] == [t for t, _, _ in want]
+            assert [v for _, _, v in got] == pytest.approx([v for _, _, v in want], rel=1e-5, abs=1e-7)

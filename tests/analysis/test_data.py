@@ -785,3 +785,14 @@ def test_corpus_repr_names_it(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("x\n\ny")
     assert repr(Corpus(path)) == f"Corpus('c.txt', file {path})"
+
+
+def test_default_shards_hold_what_fits_in_the_byte_budget(model, tmp_path, monkeypatch):
+    harvest_module = sys.modules["interp.data.harvest"]
+    per_row = 12 * sum(d for d in (32, 64, 32)) * 2  # positions x (resid_post + mlp.hidden + embed widths) x bf16
+    monkeypatch.setattr(harvest_module, "SHARD_BYTES", 4 * per_row + 1)
+    store = harvest(model, DOCS, SITES, tmp_path / "h", context=12, batch_size=3, progress=False)
+    assert store.shard_rows == 4
+    want = harvest(model, DOCS, SITES, tmp_path / "ref", context=12, batch_size=3, shard_tokens=48, progress=False)
+    for site in SITES:
+        assert torch.equal(store[site][:], want[site][:])

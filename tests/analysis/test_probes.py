@@ -261,3 +261,16 @@ def test_probe_from_an_activation_store(char_model, tmp_path):
         probe(store, labels, positions="last")
     with pytest.raises(ProbeError, match="labels has 159 entries, but the activations have 160 rows"):
         probe(store, labels[:-1], "blocks.0.resid_post")
+
+
+def test_the_joint_fit_used_on_gpus_equals_fitting_each_site():
+    from interp.probes import _fit_logistic
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 200, 6, generator=gen)
+    y = (x[0, :, 0] + 0.5 * x[1, :, 1] > 0).long()
+    w, b = _fit_logistic(x, y, 2, 1e-3, 200)
+    for i in range(3):
+        wi, bi = _fit_logistic(x[i:i + 1], y, 2, 1e-3, 200)
+        torch.testing.assert_close(w[i:i + 1], wi, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(b[i:i + 1], bi, atol=2e-3, rtol=2e-3)
