@@ -52,7 +52,7 @@ def render(path: Path) -> Path:
     nb = nbformat.read(path, as_version=4)
     env = dict(os.environ)
     env.pop("INTERP_PLOTLY_RENDERER", None)  # the kernel picks plotly_mimetype+png
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     RENDERED.mkdir(parents=True, exist_ok=True)
     target = RENDERED / path.name
     nbformat.write(static_outputs(nb), target)

@@ -32,7 +32,8 @@ def test_notebook_runs_top_to_bottom(path, demo_path, monkeypatch):
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not cell.outputs, f"{path.name} is committed with outputs; strip them"
-    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(nb, timeout=900,  # 07 trains the demo transcoders on first use
+                             kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
