@@ -24,15 +24,32 @@ everything the call allocates: the cache, the logits it returns and the forward'
 names, such as ``resid_post`` of layer i and ``resid_pre`` of layer i + 1, counts once);
 "nominal" sums every entry.
 
-Smoke run: ``python -m bench.cache --layers 2 --seqs 16 --repeats 2``.
-Full run:  ``python -m bench.cache`` (26 layers, seqs 64,256).
+Copy cost (``--copy-cost``, instead of the tables above): when another hook is active, the
+caching hook stores a copy of every activation (``hooks.cache.caching_hook(copy=True)`` clones
+when the stored tensor shares storage with the activation, so a later in-place hook cannot
+change a cached value); ``run_with_cache`` with nothing else hooked stores the run's own tensors,
+like the view variant here. Measured against a
+view-storing variant: ``caching_hook``'s own source with that ``clone`` statement removed by
+``ast`` (nothing else differs), swapped into ``run_with_cache`` for the timed call only. Both
+run ``run_with_cache`` of every site (``names=None``), of every site but ``logits`` (the
+logits are also returned, so a copy holds them twice) and of ``"blocks.*.resid_post"``,
+interleaved with our plain forward; the table gives the time ratio copy / view (median of per-round ratios),
+bytes held, and the peak extra memory ratio copy / view. The view variant's values are checked
+against the copies (an entry that differs was changed in place after it was cached).
+
+Smoke run: ``python -m bench.cache --layers 2 --seqs 16 --repeats 2`` (``--copy-cost`` likewise).
+Full run:  ``python -m bench.cache`` (26 layers, seqs 64,256); ``python -m bench.cache --copy-cost``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
+import inspect
 import sys
+import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: python bench/cache.py
@@ -197,17 +214,165 @@ def run(args) -> str:
     return "\n\n".join(lines)
 
 
+# ---------------------------------------------------------------------- copy cost
+class _StripClone(ast.NodeTransformer):
+    """Removes ``if ...: t = t.clone()`` statements (the copy of the caching hook)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def visit_If(self, node: ast.If):
+        self.generic_visit(node)
+        body = node.body
+        if (len(body) == 1 and isinstance(body[0], ast.Assign) and isinstance(body[0].value, ast.Call)
+                and isinstance(body[0].value.func, ast.Attribute) and body[0].value.func.attr == "clone"
+                and not node.orelse):
+            self.count += 1
+            return None
+        return node
+
+
+def view_caching_hook():
+    """``interp.hooks.cache.caching_hook`` generated from its own source without its ``clone``:
+    it stores ``x.detach()`` (a view sharing the activation's storage) when nothing else
+    (positions, dtype, device) made a new tensor."""
+    import __future__
+
+    from interp.hooks import cache as cache_module
+
+    fn = cache_module.caching_hook
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    stripper = _StripClone()
+    tree = ast.fix_missing_locations(stripper.visit(tree))
+    if stripper.count != 1:
+        raise RuntimeError(f"expected one `if ...: t = t.clone()` in caching_hook, found {stripper.count}; "
+                           "update bench.cache.view_caching_hook")
+    namespace: dict = {}
+    code = compile(tree, inspect.getsourcefile(fn) or "<view caching_hook>", "exec",
+                   flags=__future__.annotations.compiler_flag, dont_inherit=True)
+    exec(code, dict(fn.__globals__), namespace)  # noqa: S102 - our own source, transformed
+    return namespace[fn.__name__]
+
+
+@contextmanager
+def view_caching(model, hook_factory):
+    """``run_with_cache`` of ``model`` builds its caching hook with ``hook_factory`` inside the block."""
+    module_globals = type(model).run_with_cache.__globals__
+    saved = module_globals["caching_hook"]
+    module_globals["caching_hook"] = hook_factory
+    try:
+        yield
+    finally:
+        module_globals["caching_hook"] = saved
+
+
+def not_logits(name: str) -> bool:
+    """Every site except the logits (which the run also returns)."""
+    return name != "logits"
+
+
+def copy_cost(args) -> str:
+    from interp.model import Gemma3
+
+    device = args.device
+    cfg = bench_config(args.layers)
+    model = Gemma3.from_config(cfg, seed=args.seed, device=device)
+    factory = view_caching_hook()
+
+    def viewing(ids, names):
+        def call():
+            with view_caching(model, factory):
+                return model.run_with_cache(ids, names)
+        return call
+
+    from interp.hooks.cache import caching_hook
+
+    def copying_factory(store, **kwargs):  # what run_with_cache uses when another hook is active
+        return caching_hook(store, **{**kwargs, "copy": True})
+
+    def copying(ids, names):
+        def call():
+            with view_caching(model, copying_factory):
+                return model.run_with_cache(ids, names)
+        return call
+
+    resid = "blocks.*.resid_post"
+    specs = {"all": ("every site (names=None)", None),
+             "nologits": ("every site but the logits", not_logits),
+             "resid": (f"`{resid}`", resid)}
+    gen = torch.Generator().manual_seed(args.seed)
+    lines, summary = [], []
+    for seq in args.seqs:
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen).to(device)
+        calls = {"fwd": ("our forward, no hooks", lambda ids=ids: (model(ids), None))}
+        for which, (label, names) in specs.items():
+            calls[f"copy_{which}"] = (f"{label}, copy (another hook active)", copying(ids, names))
+            calls[f"view_{which}"] = (f"{label}, view (run_with_cache alone)", viewing(ids, names))
+        # the view variant really stores views, and what it stores equals the copies
+        checks = []
+        for which, (label, _) in specs.items():
+            _, copies = calls[f"copy_{which}"][1]()
+            _, views = calls[f"view_{which}"][1]()
+            shared = sum(1 for n in copies if copies[n].untyped_storage().data_ptr() ==
+                         views[n].untyped_storage().data_ptr())
+            differ = [n for n in copies if copies[n].shape != views[n].shape or not torch.equal(copies[n], views[n])]
+            checks.append(f"- {label}: {len(copies)} entries; the copies share storage with the views in {shared} "
+                          f"(expected 0); {len(differ)} view entries differ from the copies"
+                          + (f" (changed in place after caching, e.g. {differ[:3]})" if differ else ""))
+            del copies, views
+        gc.collect()
+        samples = time_interleaved({k: fn for k, (_, fn) in calls.items()}, repeats=args.repeats,
+                                   warmup=args.warmup, device=device)
+        mem = {k: measure_memory(fn, device) for k, (_, fn) in calls.items()}
+        method = next(iter(mem.values()))[0].method
+        rows = []
+        for key, (label, _) in calls.items():
+            pm, n, _nominal, held = mem[key]
+            pair = key.replace("copy_", "view_") if key.startswith("copy_") else None
+            rows.append([
+                label, ms(median(samples[key])), ratio(paired_ratio(samples[key], samples["fwd"])),
+                ratio(paired_ratio(samples[key], samples[pair])) if pair else "",
+                f"{spread(samples[key]) * 100:.0f}%", n or "", mib(held) if n else "", mib(pm.extra),
+                ratio(pm.extra / held) if held else "",
+                ratio(pm.extra / mem[pair][0].extra) if pair else "",
+            ])
+        for which, (label, _) in specs.items():
+            c, v = mem[f"copy_{which}"], mem[f"view_{which}"]
+            summary.append([seq, label, ratio(paired_ratio(samples[f"copy_{which}"], samples[f"view_{which}"])),
+                            f"{max(spread(samples[f'copy_{which}']), spread(samples[f'view_{which}'])) * 100:.0f}%",
+                            mib(c[3]), mib(v[3]), mib(c[0].extra), mib(v[0].extra),
+                            mib(c[0].extra - v[0].extra), ratio(c[0].extra / v[0].extra)])
+        lines.append(
+            f"### Copy cost, {seq} tokens (batch 1, {cfg.n_layers} layers, fp32, {device})\n\n"
+            + "\n".join(checks) + "\n\n"
+            f"Time: {args.repeats} interleaved rounds after {args.warmup} warm-up, median; ratios are medians of "
+            f"per-round ratios; spread = (max - min) / median of that contender's rounds. Memory: {method}, one "
+            "call each.\n\n"
+            + markdown_table(["contender", "time (ms)", "/ our forward", "copy / view (time)", "spread",
+                              "cached entries", "bytes held (MiB)", "peak extra (MiB)", "peak extra / held",
+                              "copy / view (peak extra)"], rows))
+        del calls, samples, mem
+        gc.collect()
+    lines.append("### Copy cost, summary\n\n" + markdown_table(
+        ["seq", "cached", "time copy / view", "spread (larger of the two)", "held, copy (MiB)", "held, view (MiB)",
+         "peak extra, copy (MiB)", "peak extra, view (MiB)", "copy - view (MiB)", "peak extra copy / view"],
+        summary))
+    return "\n\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--copy-cost", action="store_true",
+                        help="only the cost of caching copies: the current caching hook against a view-storing variant")
     args = parser.parse_args(argv)
     print("# bench.cache\n")
     print(environment() + "\n")
     print("Command: python -m bench.cache " + " ".join(sys.argv[1:]) + "\n")
     with torch.inference_mode():
-        print(run(args))
+        print(copy_cost(args) if args.copy_cost else run(args))
 
 
 if __name__ == "__main__":

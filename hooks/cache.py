@@ -177,11 +177,12 @@ def seq_indices(positions: Positions, site: Site, length: int) -> torch.Tensor:
 
 def caching_hook(store: dict[str, torch.Tensor], *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, keep_grad: bool = False,
-                 positions: Positions | None = None) -> Callable[[torch.Tensor, Site], None]:
-    """A hook that stores a copy of what it sees in ``store[site.name]`` (detached unless
-    ``keep_grad``), optionally moved/cast and cut to some sequence ``positions`` (query
-    positions for scores and patterns). It stores a copy, never a view, so a later hook that
-    writes into the activation in place cannot change what was cached.
+                 positions: Positions | None = None, copy: bool = True) -> Callable[[torch.Tensor, Site], None]:
+    """A hook that stores what it sees in ``store[site.name]`` (detached unless ``keep_grad``),
+    optionally moved/cast and cut to some sequence ``positions`` (query positions for scores and
+    patterns). It stores a copy, never a view, so a later hook that writes into the activation in
+    place cannot change what was cached; ``copy=False`` stores the run's own tensor when nothing
+    else is hooked (the model itself never writes into a site's tensor after it fires).
 
     >>> store = {}
     >>> caching_hook(store, positions=[-1])(torch.arange(3.0)[None], Site("embed", None))
@@ -196,7 +197,7 @@ def caching_hook(store: dict[str, torch.Tensor], *, device: str | torch.device |
             t = t.index_select(site.seq_axis, idx)
         if device is not None or dtype is not None:
             t = t.to(device=device, dtype=dtype)
-        if not keep_grad and t.data_ptr() == x.data_ptr():
+        if copy and not keep_grad and t.data_ptr() == x.data_ptr():
             t = t.clone()  # (with keep_grad the stored tensor must be the graph's own node)
         store[site.name] = t
         return None

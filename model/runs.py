@@ -125,6 +125,12 @@ class RunsMixin:
         estimate and options that would fit, instead of running out of memory. Extra ``hooks``
         run before caching, so the cache shows their effect. Other keywords go to ``forward``.
 
+        When another hook is active (``hooks=`` or an open scope), the cache holds copies, so an
+        in-place hook cannot change them. Otherwise it holds the run's own tensors (no copies,
+        no extra memory): then ``cache["logits"]`` is the returned tensor, and a residual site
+        and the next one that equals it (``blocks.{i}.resid_post``, ``blocks.{i+1}.resid_pre``)
+        share storage; clone before writing into them in place.
+
         >>> from interp.model import Gemma3, Gemma3Config
         >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
         ...     n_kv_heads=1, d_head=8, vocab_size=9))
@@ -136,7 +142,9 @@ class RunsMixin:
         self._check_cache_fits(prompt, cache_names, device, dtype, positions, max_bytes, kwargs)
         store: dict[str, torch.Tensor] = {}
         pairs = hook_pairs(hooks)
-        pairs.append((cache_names, caching_hook(store, device=device, dtype=dtype, positions=positions)))
+        alone = not pairs and not self.registry.active  # no other hook can write into a tensor
+        pairs.append((cache_names, caching_hook(store, device=device, dtype=dtype, positions=positions,
+                                                copy=not alone)))
         out = self.run_with_hooks(prompt, pairs, **kwargs)
         return out, Gemma3Cache({n: store[n] for n in cache_names if n in store})
 

@@ -233,3 +233,25 @@ def test_run_with_cache_hooks_run_before_caching(m, ids, clean):
     assert bool((cache[SITE] == 0).all())
     assert not torch.equal(logits, clean)
     _assert_usable(m, ids, clean)
+
+
+def test_run_with_cache_alone_keeps_the_runs_own_tensors(m, ids):
+    """Nothing else hooked: nothing can write into a tensor after it fires, so no copies."""
+    logits, cache = m.run_with_cache(ids, names=["blocks.0.resid_post", "blocks.1.resid_pre", "logits"])
+    assert cache["logits"].data_ptr() == logits.data_ptr()
+    assert cache["blocks.0.resid_post"].data_ptr() == cache["blocks.1.resid_pre"].data_ptr()
+
+
+@pytest.mark.parametrize("how", ["scope", "hooks="])
+def test_with_another_hook_active_the_cache_holds_copies(m, ids, clean, how):
+    """An in-place hook on a later site that aliases a cached one (resid_pre of layer 1 is
+    resid_post of layer 0) cannot change the cached value."""
+    _, reference = m.run_with_cache(ids, names="blocks.0.resid_post")
+    later = [("blocks.1.resid_pre", _zero_in_place)]
+    if how == "scope":
+        with m.hooks(later):
+            _, cache = m.run_with_cache(ids, names="blocks.0.resid_post")
+    else:
+        _, cache = m.run_with_cache(ids, names="blocks.0.resid_post", hooks=later)
+    assert torch.equal(cache["blocks.0.resid_post"], reference["blocks.0.resid_post"])
+    _assert_usable(m, ids, clean)
