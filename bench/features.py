@@ -31,6 +31,8 @@ with random dictionaries (``JumpReLUSAE.random``, ``TopKSAE.random``, ``Transcod
    each, the index).
 4. **Evaluation.** ``interp.features.evaluate`` of a TopK SAE on the store: statistics only
    (``ce=False``) and with the cross-entropy of the spliced model on ``--eval-ce-tokens`` tokens.
+5. **The demo transcoders' quality** (the ones notebooks 07 and 08 use; trained and cached on
+   first use): L0, FVU, dead/dense features and CE loss recovered per layer of the demo model.
 
 Time: interleaved rounds where contenders are compared (part 1), else ``--repeats`` calls and
 the median; everything under ``torch.inference_mode`` except training.
@@ -358,7 +360,7 @@ def main(argv=None) -> None:
     parser.add_argument("--store-tokens", type=int, default=32768, help="tokens in the store (parts 2-4)")
     parser.add_argument("--index-features", type=int, default=1000, help="features in the feature index")
     parser.add_argument("--eval-ce-tokens", type=int, default=2048, help="tokens of the evaluation's loss")
-    parser.add_argument("--skip", default="", help="parts to skip, comma-separated: splice,train,scan")
+    parser.add_argument("--skip", default="", help="parts to skip, comma-separated: splice,train,scan,demo")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--workdir", default=None, help="where to write the store (default: a temporary directory)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -384,6 +386,8 @@ def main(argv=None) -> None:
         with torch.inference_mode():
             print(splice_table(args, model) + "\n")
     if {"train", "scan"} <= skip:
+        if "demo" not in skip:
+            print(demo_table(args))
         return
     root = Path(tempfile.mkdtemp(prefix="bench-features-", dir=args.workdir))
     try:
@@ -399,6 +403,29 @@ def main(argv=None) -> None:
                 print(scan_tables(args, model, store, site, root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if "demo" not in skip:
+        print("\n" + demo_table(args))
+
+
+def demo_table(args) -> str:
+    """Part 5: the quality of the demo transcoders (``interp.features.demo.demo_transcoders``, one
+    TopK transcoder of 512 features per layer of the demo model, trained on 8,192 tokens; cached
+    after the first run) on the store they were trained on, cross-entropy on ``--eval-ce-tokens``
+    tokens of it: ``compare_dictionaries``' table."""
+    import interp
+    from interp.features import compare_dictionaries
+    from interp.features.demo import demo_store, demo_transcoders
+
+    demo = interp.load("demo")
+    t0 = time.perf_counter()
+    transcoders = demo_transcoders(demo, progress=False)
+    store = demo_store(demo, progress=False)
+    trained = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table = compare_dictionaries(demo, {f"L{i}": t for i, t in enumerate(transcoders)}, store,
+                                 ce_tokens=args.eval_ce_tokens, progress=False)
+    return (f"Demo transcoders (ready in {trained:.1f} s; evaluated in {time.perf_counter() - t0:.1f} s):\n\n"
+            f"{table!r}")
 
 
 if __name__ == "__main__":

@@ -150,12 +150,12 @@ def _build(model: Gemma3, run: Any, tcs: Mapping[int, Dictionary], tokens: list[
     f0, e0, l0 = seq, seq + n_feat, seq + n_feat + n_layers * seq
     targets = Targets(feats.to(model.device), torch.tensor(tokens, device=model.device))
     trace = replacement_forward(model, run, tcs)
-    values = target_values(model, trace, tcs, targets, run.position)
-    logit_error = float((values[n_feat:].detach() - run.logits[targets.tokens]).abs().max())
+    segments = target_values(model, trace, tcs, targets, run.position)
+    logit_error = float((segments[-1].detach() - run.logits[targets.tokens]).abs().max())
     # where each layer's active features sit: columns of W_dec to read, and their graph columns
     by_layer = {layer: (feats[:, 0] == layer).nonzero()[:, 0] for layer in tcs}
     bar = progress_bar(len(targets), "attribution graph", unit="node", enabled=progress)
-    for chunk, g_embed, g_out in backward_rows(values, trace, batch):
+    for chunk, g_embed, g_out in backward_rows(segments, trace, batch):
         rows = torch.arange(chunk.start, chunk.stop)
         node_rows = torch.where(rows < n_feat, f0 + rows, l0 + rows - n_feat)
         block = torch.zeros(len(rows), n)
@@ -181,7 +181,7 @@ def _build(model: Gemma3, run: Any, tcs: Mapping[int, Dictionary], tokens: list[
         constants[node_rows] = const
         bar.update(len(rows))
     bar.close()
-    del trace, values
+    del trace, segments
     if not bool(torch.isfinite(adjacency).all()):
         raise NonFiniteError("the attribution graph holds NaN or inf edges (the transcoders or the model overflow on "
                              "this prompt; run model.check_finite = True to find the first site)")

@@ -258,33 +258,52 @@ class Targets:
 
 
 def target_values(model: Gemma3, trace: Trace, transcoders: Mapping[int, Dictionary], targets: Targets,
-                  position: int) -> torch.Tensor:
-    """Each target's value in the replacement forward, without constants: a feature's
-    pre-activation minus its encoder bias, a logit. ``[len(targets)]``, float32, differentiable."""
+                  position: int) -> list[torch.Tensor]:
+    """Each target's value in the replacement forward, without constants (a feature's
+    pre-activation minus its encoder bias, a logit), as consecutive segments in target order:
+    one float32 ``[n_L]`` per layer with targets, then ``[k]`` logits. Separate segments let a
+    backward pass from one layer's targets skip every later layer."""
     feats = targets.features  # sorted by layer (node order), so per-layer parts concatenate in order
-    parts = [torch.zeros(0, dtype=torch.float32, device=trace.embed.device)]
+    parts = []
     for layer in feats[:, 0].unique().tolist():
         rows = feats[feats[:, 0] == layer]
         tc = transcoders[layer]
-        x = trace.x_in[layer][0, rows[:, 1]].float()
-        parts.append((x * tc.W_enc[:, rows[:, 2]].T.float()).sum(-1))
-    values = torch.cat(parts)
-    return torch.cat((values, final_logits(model, trace, position, targets.tokens)))
+        x = trace.x_in[layer][0].float()  # [seq, d_in]
+        # no indexing on the differentiable path (its batched backward is slow): one matmul with the
+        # targets' encoder columns, then each column's own position by a one-hot mask
+        at = torch.zeros(x.shape[0], len(rows), device=x.device)
+        at[rows[:, 1], torch.arange(len(rows), device=x.device)] = 1.0
+        parts.append(((x @ tc.W_enc[:, rows[:, 2]].float()) * at).sum(0))
+    return parts + [final_logits(model, trace, position, targets.tokens)]
 
 
-def backward_rows(values: torch.Tensor, trace: Trace, batch: int) -> Iterator[tuple[slice, torch.Tensor,
-                                                                                      dict[int, torch.Tensor]]]:
-    """For each chunk of ``batch`` targets: ``(chunk, d target / d embed [c, seq, d],
-    {layer: d target / d MLP output [c, seq, d]})``, from one batched backward each."""
+def backward_rows(segments: list[torch.Tensor], trace: Trace, batch: int
+                  ) -> Iterator[tuple[slice, torch.Tensor, dict[int, torch.Tensor]]]:
+    """For each chunk of ``batch`` targets (in the order of ``segments``, see :func:`target_values`):
+    ``(chunk, d target / d embed [c, seq, d], {layer: d target / d MLP output [c, seq, d]})``,
+    from one batched backward each, starting only from the segments the chunk covers."""
     layers = sorted(trace.probes)
     inputs = [trace.embed] + [trace.probes[i] for i in layers]
-    n = len(values)
-    for start in range(0, n, batch):
-        chunk = slice(start, min(n, start + batch))
+    bounds = []
+    start = 0
+    for seg in segments:
+        bounds.append((start, start + len(seg)))
+        start += len(seg)
+    n = start
+    for lo in range(0, n, batch):
+        chunk = slice(lo, min(n, lo + batch))
         c = chunk.stop - chunk.start
-        seeds = torch.zeros(c, n, dtype=values.dtype, device=values.device)
-        seeds[torch.arange(c), torch.arange(chunk.start, chunk.stop)] = 1.0
-        grads = torch.autograd.grad(values, inputs, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
+        outputs, seeds = [], []
+        for seg, (a, b) in zip(segments, bounds):
+            first, last = max(a, chunk.start), min(b, chunk.stop)
+            if first >= last:
+                continue
+            seed = torch.zeros(c, b - a, dtype=seg.dtype, device=seg.device)
+            rows = torch.arange(first, last)
+            seed[rows - chunk.start, rows - a] = 1.0
+            outputs.append(seg)
+            seeds.append(seed)
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
                                     allow_unused=True)
         full = [torch.zeros(c, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
                 for g, t in zip(grads, inputs)]
