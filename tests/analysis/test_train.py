@@ -28,6 +28,7 @@ from interp.features.training import TrainingError, TrainingLog, train
 from interp.hooks import NonFiniteError
 
 T = importlib.import_module("interp.features.training")
+R = importlib.import_module("interp.features.trainer")  # the recipes (estimators, the trainer)
 WORKER = Path(tw.__file__).resolve()
 PLANTED_JUMPRELU = dict(d_sae=128, steps=300, batch_size=256, lr=1e-2, initial_threshold=0.1, bandwidth=0.05,
                         warmup_steps=100, sparsity_coefficient=1.0, progress=False)
@@ -112,12 +113,12 @@ def test_step_and_jumprelu_pseudo_derivatives():
     eps = 0.1
     z = torch.tensor([[0.46, 0.52, 0.9, -1.0], [0.54, 0.2, 1.02, 0.0]], requires_grad=True)
     t = torch.tensor([0.5, 0.5, 1.0, 0.0], requires_grad=True)
-    T._Step.apply(z, t, eps).sum().backward()
+    R._Step.apply(z, t, eps).sum().backward()
     # inside the window (|z - t| < eps/2): (0,0) 0.04, (0,1) 0.02, (1,0) 0.04, (1,2) 0.02, (1,3) 0.0
     assert torch.allclose(t.grad, torch.tensor([-2 / eps, -1 / eps, -1 / eps, -1 / eps]))
     assert z.grad is None or not z.grad.any()
     z.grad = t.grad = None
-    out = T._JumpReLU.apply(z, t, eps)
+    out = R._JumpReLU.apply(z, t, eps)
     assert torch.equal(out.detach(), torch.tensor([[0.0, 0.52, 0.0, 0.0], [0.54, 0.0, 1.02, 0.0]]))
     out.sum().backward()
     assert torch.equal(z.grad, torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]]))
