@@ -89,7 +89,8 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
     find the tokenizer again. Returns the :class:`~interp.data.store.ActivationStore`.
 
     A shard holds ``shard_tokens`` tokens' rows, by default as many rows as fit in
-    :data:`SHARD_BYTES` (256 MiB). Memory stays bounded whatever the corpus size: each shard is
+    :data:`SHARD_BYTES` (256 MiB), or, when ``out_dir`` already holds this harvest, the shard size
+    it was started with. Memory stays bounded whatever the corpus size: each shard is
     filled in place in one preallocated buffer per site, at most two finished shards wait for
     the writer, and freed memory goes back to the system after each write (about three shards,
     plus the model's own working memory).
@@ -119,7 +120,10 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
         raise HarvestError(f"positions={positions!r} selects no position of a {context}-token row")
     dims = {s: _dims(model, s) for s in sites}
     per_row = len(kept) * sum(torch.Size(dims[s]).numel() for s in sites) * dtype.itemsize
-    shard_rows = max(1, shard_tokens // context if shard_tokens is not None else SHARD_BYTES // per_row)
+    if shard_tokens is not None:
+        shard_rows = max(1, shard_tokens // context)
+    else:  # the shard size is a storage detail: a harvest already in out_dir keeps its own
+        shard_rows = _planned_shard_rows(out) or max(1, SHARD_BYTES // per_row)
     plan: dict[str, Any] = {
         "format": FORMAT,
         "model": {"fingerprint": model_fingerprint(model), "config": model.cfg.to_dict(),
@@ -166,6 +170,16 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
         _write_manifest(out, plan, n_shards, rows, kept)
     group.barrier()
     return ActivationStore(out)
+
+
+def _planned_shard_rows(out: Path) -> int | None:
+    """The shard size of the harvest plan already in ``out``, if there is a readable one (a rerun
+    that leaves ``shard_tokens`` unset resumes or returns it whatever today's default)."""
+    try:
+        rows = json.loads((out / PLAN).read_text(encoding="utf-8")).get("shard_rows")
+    except (OSError, ValueError, AttributeError):
+        return None  # no plan, or a damaged one: _prepare says which
+    return rows if isinstance(rows, int) and not isinstance(rows, bool) and rows >= 1 else None
 
 
 def _shard_tokens(rows: Rows, k: int, shard_rows: int, kept: list[int]) -> int:

@@ -543,6 +543,30 @@ def test_rerun_with_other_settings_is_refused(model, reference, tmp_path, what):
     assert files(out) == before, "a refused rerun changes nothing"
 
 
+def test_rerun_without_shard_tokens_keeps_the_stores_own_shard_size(model, reference, tmp_path):
+    """The shard size is a storage detail: a rerun that leaves shard_tokens unset returns the store as
+    it was sharded (it was refused as "other settings" when the default shard size changed), one that
+    asks for another shard size explicitly is refused, and a half-done run resumes with its own size."""
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    before = files(out)
+    with intact(model):
+        store = hw.run(model, out, shard_tokens=None)
+    assert files(out) == before
+    assert store.shard_rows == hw.SHARD_TOKENS // CTX and store.n_rows == hw.ROWS
+    with intact(model), pytest.raises(HarvestError, match=r"other settings \(shard_rows differ\)"):
+        hw.run(model, out, shard_tokens=2 * hw.SHARD_TOKENS)
+    assert files(out) == before
+    half = tmp_path / "half"
+    shutil.copytree(reference, half)
+    (half / "manifest.json").unlink()
+    shards = sorted(half.glob("shard_*.safetensors"))
+    for p in shards[len(shards) // 2:]:
+        p.unlink()
+    hw.run(model, half, shard_tokens=None)
+    assert files(half) == before
+
+
 def test_rerun_with_another_corpus_is_refused(model, reference, tmp_path):
     out = tmp_path / "store"
     shutil.copytree(reference, out)
