@@ -177,14 +177,16 @@ def _build(model: Gemma3, run: Any, tcs: Mapping[int, Dictionary], tokens: list[
         if bool(is_feat.any()):
             fr = feats[rows[is_feat]]
             const[is_feat] += torch.stack([tcs[int(layer)].b_enc[int(f)].float().cpu() for layer, _, f in fr.tolist()])
+        # checked chunk by chunk: a check of the whole adjacency at the end allocated its size
+        # again in temporaries (abs and two masks), the largest part of a graph's peak memory
+        if not (bool(torch.isfinite(block).all()) and bool(torch.isfinite(const).all())):
+            raise NonFiniteError("the attribution graph holds NaN or inf edges (the transcoders or the model "
+                                 "overflow on this prompt; run model.check_finite = True to find the first site)")
         adjacency[node_rows] = block
         constants[node_rows] = const
         bar.update(len(rows))
     bar.close()
     del trace, segments
-    if not bool(torch.isfinite(adjacency).all()):
-        raise NonFiniteError("the attribution graph holds NaN or inf edges (the transcoders or the model overflow on "
-                             "this prompt; run model.check_finite = True to find the first site)")
     node_values = torch.zeros(n)
     node_values[:seq] = run.embed.float().norm(dim=-1).cpu()
     if n_feat:

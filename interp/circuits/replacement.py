@@ -281,7 +281,8 @@ def backward_rows(segments: list[torch.Tensor], trace: Trace, batch: int
                   ) -> Iterator[tuple[slice, torch.Tensor, dict[int, torch.Tensor]]]:
     """For each chunk of ``batch`` targets (in the order of ``segments``, see :func:`target_values`):
     ``(chunk, d target / d embed [c, seq, d], {layer: d target / d MLP output [c, seq, d]})``,
-    from one batched backward each, starting only from the segments the chunk covers."""
+    from one batched backward each, starting only from the segments the chunk covers (a layer
+    no target of the chunk depends on is not in the dict: its gradient is zero)."""
     layers = sorted(trace.probes)
     inputs = [trace.embed] + [trace.probes[i] for i in layers]
     bounds = []
@@ -305,9 +306,11 @@ def backward_rows(segments: list[torch.Tensor], trace: Trace, batch: int
             seeds.append(seed)
         grads = torch.autograd.grad(outputs, inputs, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
                                     allow_unused=True)
-        full = [torch.zeros(c, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
-                for g, t in zip(grads, inputs)]
-        yield chunk, full[0][:, 0].float(), {layer: g[:, 0].float() for layer, g in zip(layers, full[1:])}
+        g_embed = grads[0] if grads[0] is not None else torch.zeros(c, *inputs[0].shape, dtype=inputs[0].dtype,
+                                                                    device=inputs[0].device)
+        # layers after the chunk's targets get no gradient: left out (their edges are 0), not zero-filled
+        yield chunk, g_embed[:, 0].float(), {layer: g[:, 0].float() for layer, g in zip(layers, grads[1:])
+                                             if g is not None}
 
 
 __all__ = ["resolve_transcoders", "run_prompt", "replacement_forward", "replacement_hooks", "final_logits",

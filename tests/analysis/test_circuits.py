@@ -255,6 +255,18 @@ def test_non_finite_transcoder_is_named(model):
     assert not model.registry.active
 
 
+def test_non_finite_edges_are_an_error(model):
+    """Finite features but an overflowing decoder: the edges (here from the error nodes) are not
+    finite, found chunk by chunk, and the model is left as it was."""
+    before = logits_before(model)
+    bad = Transcoder.random(model, layer=2, d_sae=16)
+    with torch.no_grad():
+        bad.b_dec[0] = float("inf")
+    with pytest.raises(NonFiniteError, match="NaN or inf edges"):
+        attribution_graph(model, IDS, [bad], batch=4, progress=False)
+    assert not model.registry.active and torch.equal(logits_before(model), before)
+
+
 def test_chosen_logits(model, tcs):
     g = attribution_graph(model, IDS, tcs, logits=[" w5", 9], progress=False)
     assert [n.index for n in g.nodes if n.kind == "logit"] == [5, 9]
