@@ -33,8 +33,11 @@ call wrote (ours: shards + the token index + plan + manifest). Memory: one more 
 contender alone, peak resident (host) memory above the level before the call
 (``bench.common.PeakMemory("cpu")``, also with ``--device cuda``: the shards live in RAM).
 Bounded memory: ``harvest`` again with shards of an eighth of ``--tokens`` (at least one batch),
-on 2 and on 4 shards' worth of tokens: its peak follows the shard size, not the corpus (a shard
-is assembled in memory before it is written).
+on 2, 4 and 8 shards' worth of tokens: its peak follows the shard size, not the corpus. A shard
+is filled in place in one preallocated buffer per site and handed to the writer, which holds at
+most two, so up to about three shards are in memory at once: the peak may still grow from 2 to 4
+shards and should stay flat from 4 to 8. ``--only-memory`` runs only these harvests (and the
+default-shard one), without the timed contenders.
 
 Probes: synthetic activations ``[sites, n, d_model]`` (``--probe-rows`` rows, one site per layer,
 standard normal plus a label-dependent shift whose size grows with the layer), binary labels.
@@ -188,7 +191,7 @@ def harvest_tables(args, model, tok_label: str, root: Path) -> str:
     from safetensors.torch import save_file
 
     from interp.data import ActivationStore, harvest
-    from interp.data.harvest import _sites
+    from interp.data.harvest import SHARD_BYTES, _sites
 
     cfg = model.cfg
     sites, stop = _sites(model, args.sites)
@@ -204,13 +207,16 @@ def harvest_tables(args, model, tok_label: str, root: Path) -> str:
                                max_tokens=args.tokens, progress=False)
     if args.shard_tokens:
         hkw["shard_tokens"] = args.shard_tokens
-    shard_tokens = args.shard_tokens or 1 << 16  # harvest's default
     per_token = sum(torch.Size(model.site_shape(s, 1, 1)[2:]).numel() for s in sites) * 2  # bf16
+    # harvest's default: as many whole rows as fit in SHARD_BYTES
+    shard_tokens = args.shard_tokens or max(1, SHARD_BYTES // (per_token * args.context)) * args.context
 
     tl_names = [f"{s.rsplit('.', 1)[0]}.hook_{s.rsplit('.', 1)[1]}" for s in sites]
     tl_ok = all(s.rsplit(".", 1)[1] in ("resid_pre", "resid_mid", "resid_post") for s in sites)
     bridge, tl_note = None, ""
-    if tl_ok:
+    if args.only_memory:
+        tl_note = "--only-memory: the timed contenders (TransformerLens among them) are left out."
+    elif tl_ok:
         try:
             from bench.cache import build_bridge
 
@@ -286,22 +292,26 @@ def harvest_tables(args, model, tok_label: str, root: Path) -> str:
     if tl_note:
         lines.append(tl_note)
 
-    samples, written = time_writers({k: fn for k, (_, fn) in contenders.items()}, root, args.repeats,
-                                    args.warmup, args.device)
-    mem = {k: peak_of(fn, root, k, args.device) for k, (_, fn) in contenders.items()}
-    method = next(iter(mem.values())).method
-    rows_out = []
-    for key, (label, _) in contenders.items():
-        t = median(samples[key])
-        rows_out.append([label, ms(t), f"{n_tokens / t:,.1f}", ratio(paired_ratio(samples["plain"], samples[key])),
-                         f"{spread(samples[key]) * 100:.0f}%", mib(mem[key].extra),
-                         mib(written[key]) if written.get(key) else ""])
-    lines.append(
-        f"### Harvest: {n_tokens:,} tokens\n\nTime: {args.repeats} interleaved rounds after {args.warmup} warm-up, "
-        "median; throughput / plain forward is the median of per-round ratios (plain time / contender time; "
-        f"1 = as fast as the forward alone). Memory: {method}, one call each. Disk: bytes written by one call.\n\n"
-        + markdown_table(["contender", "time (ms)", "tokens/s", "throughput / plain forward", "spread",
-                          "peak extra RSS (MiB)", "disk (MiB)"], rows_out))
+    if args.only_memory:
+        mem = {"ours": peak_of(ours, root, "ours", args.device)}
+        samples: dict[str, list[float]] = {}
+    else:
+        samples, written = time_writers({k: fn for k, (_, fn) in contenders.items()}, root, args.repeats,
+                                        args.warmup, args.device)
+        mem = {k: peak_of(fn, root, k, args.device) for k, (_, fn) in contenders.items()}
+        method = next(iter(mem.values())).method
+        rows_out = []
+        for key, (label, _) in contenders.items():
+            t = median(samples[key])
+            rows_out.append([label, ms(t), f"{n_tokens / t:,.1f}", ratio(paired_ratio(samples["plain"], samples[key])),
+                             f"{spread(samples[key]) * 100:.0f}%", mib(mem[key].extra),
+                             mib(written[key]) if written.get(key) else ""])
+        lines.append(
+            f"### Harvest: {n_tokens:,} tokens\n\nTime: {args.repeats} interleaved rounds after {args.warmup} warm-up, "
+            "median; throughput / plain forward is the median of per-round ratios (plain time / contender time; "
+            f"1 = as fast as the forward alone). Memory: {method}, one call each. Disk: bytes written by one call.\n\n"
+            + markdown_table(["contender", "time (ms)", "tokens/s", "throughput / plain forward", "spread",
+                              "peak extra RSS (MiB)", "disk (MiB)"], rows_out))
 
     # bounded memory: peak against corpus size at a fixed (small) shard size, next to the main run
     small = max(args.batch * args.context, args.tokens // 8) // args.context * args.context  # >= one batch
@@ -310,7 +320,7 @@ def harvest_tables(args, model, tok_label: str, root: Path) -> str:
                 f"{n_tokens:,}", mib(n_tokens * per_token), mib(one_default * per_token), mib(mem["ours"].extra),
                 ratio(mem["ours"].extra / (one_default * per_token))]]
     peaks = []
-    for mult in (2, 4):
+    for mult in (2, 4, 8):
         kw = dict(hkw, max_tokens=mult * small, shard_tokens=small)
         pm = peak_of(lambda out, kw=kw: harvest(model, corpus, args.sites, out, **kw), root, f"scale-{mult}",
                      args.device)
@@ -319,19 +329,19 @@ def harvest_tables(args, model, tok_label: str, root: Path) -> str:
                         mib(small * per_token), mib(pm.extra), ratio(pm.extra / (small * per_token))])
     lines.append(
         "### Harvest peak memory against corpus size\n\nOne `harvest` call each (peak extra RSS). A shard "
-        "(shard_tokens rounded down to whole rows) is assembled in memory, concatenated, then handed to the writer "
-        "(at most two queued), so the peak should follow the shard size, not the corpus: the last two rows hold "
-        "the shard fixed and double the tokens. The library's default shard is 65,536 tokens = "
-        f"{mib(65536 * per_token)} MiB at these sites.\n\n"
+        "(shard_tokens rounded down to whole rows) is filled in place, one preallocated buffer per site, then "
+        "handed to the writer (at most two queued), so about three shards can be in memory at once and the peak "
+        "should follow the shard size, not the corpus: the last three rows hold the shard fixed and double the "
+        "tokens twice. The library's default shard is as many rows as fit in 256 MiB (SHARD_BYTES): "
+        f"{shard_tokens:,} tokens at these sites.\n\n"
         + markdown_table(["shard_tokens", "tokens harvested", "activations (MiB)", "one shard (MiB)",
                           "peak extra RSS (MiB)", "peak / one shard"], scaling))
 
-    lines.append("### Targets\n\n" + markdown_table(
-        ["measure", "target", "measured"],
-        [["harvest throughput / plain forward (bf16 storage)", ">= 0.9",
-          ratio(paired_ratio(samples["plain"], samples["ours"]))],
-         [f"harvest peak memory at {small:,}-token shards: 4 shards / 2 shards", "~1 (bounded)",
-          ratio(peaks[1] / max(peaks[0], 1))]]))
+    targets = [] if args.only_memory else [["harvest throughput / plain forward (bf16 storage)", ">= 0.9",
+                                            ratio(paired_ratio(samples["plain"], samples["ours"]))]]
+    targets.append([f"harvest peak memory at {small:,}-token shards: 8 shards / 4 shards", "~1 (bounded)",
+                    ratio(peaks[2] / max(peaks[1], 1))])
+    lines.append("### Targets\n\n" + markdown_table(["measure", "target", "measured"], targets))
     return "\n\n".join(lines)
 
 
@@ -390,6 +400,8 @@ def main(argv=None) -> None:
     parser.add_argument("--probe-rows", type=int, default=4096, help="rows of the synthetic probe data")
     parser.add_argument("--skip-probes", action="store_true")
     parser.add_argument("--skip-harvest", action="store_true")
+    parser.add_argument("--only-memory", action="store_true",
+                        help="harvest part: only the peak-memory runs (no timed contenders, no TransformerLens)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--workdir", default=None, help="where to write the harvests (default: a temporary directory)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
