@@ -113,6 +113,7 @@ class _Run:
         self.reasons = ["max_new_tokens"] * batch
         self.texts = [""] * batch
         self.every_logit = False  # the prefill computes logits at every prompt position
+        self.live_text = False  # decode the text after every step (streaming), not only at the end
 
     def context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompt and generated tokens so far, with their mask (for a rerun without the cache)."""
@@ -150,7 +151,7 @@ class _Run:
             if stopped and self.stop_at_eos:
                 self.done_host[row] = True
                 self.reasons[row] = "end_of_turn" if tok == END_OF_TURN_ID else "eos"
-        if self.stop_strings or model.tokenizer is not None:
+        if self.stop_strings or self.live_text:  # else decoded once at the end (each decode reads every token)
             self._update_texts()
         if self.stop_at_eos:
             self.done = self.done | stop_now
@@ -264,6 +265,7 @@ class GenerateMixin:
             raise InputError("streamer= streams the text of one prompt; this batch has "
                              f"{run.ids.shape[0]}")
         shown = ""
+        run.live_text = streamer is not None
         with self.registry.scope(pairs):
             while not run.finished:
                 run.step()
@@ -301,6 +303,7 @@ class GenerateMixin:
         if self.tokenizer is None:
             raise InputError("stream() yields text and this model has no tokenizer")
         shown = ""
+        state.live_text = True
         with torch.no_grad(), self.registry.scope(hooks):
             while not state.finished:
                 state.step()

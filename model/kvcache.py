@@ -71,6 +71,13 @@ class _Store:
             self.values[:, self.n:self.n + s] = v
         else:
             w = self.ring
+            if s == 1:  # a generation step: two slices, no index tensors
+                slot = self.n % w
+                for at in (slot, slot + w):
+                    self.keys[:, at] = k[:, 0]
+                    self.values[:, at] = v[:, 0]
+                self.n += 1
+                return
             keep = min(s, w)
             pos = torch.arange(self.n + s - keep, self.n + s, device=k.device) % w
             for slots in (pos, pos + w):
