@@ -35,7 +35,6 @@ from .circuits import (
     path_patch,
 )
 from .data import ActivationStore, Corpus, harvest
-from .display import configure_notebook_renderer
 from .dla import DLAResult, direct_logit_attribution
 from .evaluation import LMLoss, lm_loss, test_prompt
 from .features import (
@@ -71,8 +70,6 @@ from .probes import ProbeResult, probe
 from .steering import SteeringVector, steering_vector
 from .tokens import Top
 from .tuned_lens import LensKL, TunedLens
-
-configure_notebook_renderer()  # inside a notebook kernel: figures also show outside a live kernel
 
 
 def load(src: str = "demo", **kwargs: Any) -> Gemma3:

@@ -2,7 +2,8 @@
 
 Plotly's default in Jupyter is a MIME bundle that only a running front end draws: opened on
 GitHub or converted with ``jupyter nbconvert --to html``, such a notebook shows no plots. Inside
-an IPython kernel, ``import interp`` therefore sets plotly's default renderer to
+an IPython kernel, the first figure this toolkit makes (:func:`figure`, :func:`subplots`) therefore
+sets plotly's default renderer to
 
 - ``plotly_mimetype+png`` when ``kaleido`` (``pip install 'gemma3-interp[notebook]'``) and a
   Chrome or Chromium are available: the interactive figure plus a static PNG that GitHub and
@@ -11,7 +12,9 @@ an IPython kernel, ``import interp`` therefore sets plotly's default renderer to
   (plotly.js embedded once per notebook) that nbconvert's HTML shows.
 
 ``INTERP_PLOTLY_RENDERER`` overrides the choice (any plotly renderer string; ``default`` keeps
-plotly's own). Outside a kernel nothing is changed.
+plotly's own). Outside a kernel nothing is changed, and ``import interp`` changes nothing anywhere:
+a notebook that makes no figure of ours keeps its own plotly settings (call
+:func:`configure_notebook_renderer` yourself to choose earlier).
 
 >>> choose_renderer(in_kernel=False, has_png=True) is None
 True
@@ -25,6 +28,10 @@ import importlib.util
 import os
 import shutil
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
@@ -69,4 +76,34 @@ def configure_notebook_renderer() -> str | None:
     return renderer
 
 
-__all__ = ["configure_notebook_renderer", "choose_renderer", "find_browser"]
+_configured: list[bool] = []
+
+
+def _configure_once() -> None:
+    if not _configured:
+        _configured.append(True)
+        configure_notebook_renderer()
+
+
+def figure(*args: Any, **kwargs: Any) -> go.Figure:
+    """``plotly.graph_objects.Figure(*args, **kwargs)``, after choosing the notebook renderer once
+    (see the module docstring): every figure of this toolkit is made here.
+
+    >>> figure().data
+    ()
+    """
+    import plotly.graph_objects as go
+
+    _configure_once()
+    return go.Figure(*args, **kwargs)
+
+
+def subplots(**kwargs: Any) -> go.Figure:
+    """``plotly.subplots.make_subplots(**kwargs)``, after choosing the notebook renderer once."""
+    from plotly.subplots import make_subplots
+
+    _configure_once()
+    return make_subplots(**kwargs)
+
+
+__all__ = ["configure_notebook_renderer", "choose_renderer", "find_browser", "figure", "subplots"]

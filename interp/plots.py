@@ -19,6 +19,8 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from .display import figure
+
 
 def escape_token(text: str) -> str:
     """HTML-escape a token and make whitespace visible (newline ↵, tab ⇥, leading/trailing space ·).
@@ -84,7 +86,7 @@ def heatmap(z: Any, x_labels: Sequence[str] | None = None, y_labels: Sequence[st
     if text is not None:
         trace.update(text=[[escape_token(str(t)) for t in row] for row in text], texttemplate="%{text}",
                      textfont=dict(size=9))
-    fig = go.Figure(trace)
+    fig = figure(trace)
     fig.update_layout(title=title, template="plotly_white", margin=dict(l=60, r=20, t=50, b=60))
     fig.update_xaxes(title=x_title, tickmode="array", tickvals=list(range(cols)), ticktext=x_labels, tickangle=-45)
     fig.update_yaxes(title=y_title, tickmode="array", tickvals=list(range(rows)), ticktext=y_labels,
@@ -99,7 +101,7 @@ def line(ys: Mapping[str, Any], x: Sequence | None = None, *, title: str = "", x
     >>> line({"p": [0.1, 0.5]}, title="t").data[0].name
     'p'
     """
-    fig = go.Figure()
+    fig = figure()
     for name, raw in ys.items():
         values = _array(raw)
         fig.add_trace(go.Scatter(x=list(x) if x is not None else list(range(len(values))), y=values,
@@ -117,7 +119,7 @@ def bars(values: Any, labels: Sequence[str], *, title: str = "", y_title: str = 
     2
     """
     values = _array(values)
-    fig = go.Figure(go.Bar(x=escape_tokens(labels), y=values,
+    fig = figure(go.Bar(x=escape_tokens(labels), y=values,
                            marker_color=["#2166ac" if v >= 0 else "#b2182b" for v in values]))
     fig.update_layout(title=title, template="plotly_white", yaxis_title=y_title)
     return fig

@@ -56,19 +56,40 @@ def test_rendered_copy_is_current_and_static(path):
 
 @pytest.mark.subprocess
 def test_a_kernel_gets_static_figures(tmp_path, monkeypatch):
-    """Inside a kernel, ``import interp`` picks a renderer whose output works without a kernel:
-    a PNG when kaleido and a browser are there (as in CI), else an offline HTML copy."""
+    """Inside a kernel, the first figure of ours picks a renderer whose output works without a
+    kernel: a PNG when kaleido and a browser are there (as in CI), else an offline HTML copy
+    (whose first output is plotly.js itself; the figure is the output holding the plot)."""
     from interp.display import find_browser
 
     monkeypatch.delenv("INTERP_PLOTLY_RENDERER", raising=False)
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("import interp, plotly.io as pio\nprint(pio.renderers.default)"),
-                nbformat.v4.new_code_cell("interp.plots.heatmap([[0.0, 1.0]], ['a', 'say \"b\"'], ['L0'])")]
+    nb.cells = [nbformat.v4.new_code_cell("import plotly.io as pio\nbefore = pio.renderers.default\nimport interp\n"
+                                          "print(pio.renderers.default == before)"),
+                nbformat.v4.new_code_cell("interp.plots.heatmap([[0.0, 1.0]], ['a', 'say \"b\"'], ['L0'])"),
+                nbformat.v4.new_code_cell("print(pio.renderers.default)")]
     NotebookClient(nb, timeout=300, kernel_name="python3").execute()
-    renderer = nb.cells[0].outputs[0]["text"].strip()
-    data = nb.cells[1].outputs[0]["data"]
+    assert nb.cells[0].outputs[0]["text"].strip() == "True", "import interp changed plotly's renderer"
+    renderer = nb.cells[2].outputs[0]["text"].strip()
+    figures = [o["data"] for o in nb.cells[1].outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) == 1, [list(o.get("data", {})) for o in nb.cells[1].outputs]
+    data = figures[0]  # still interactive in a live front end
     if find_browser() is not None or os.environ.get("INTERP_REQUIRE_BROWSER"):
         assert renderer == "plotly_mimetype+png" and "image/png" in data
     else:
         assert renderer == "plotly_mimetype+notebook" and "text/html" in data
-    assert "application/vnd.plotly.v1+json" in data  # still interactive in a live front end
+
+
+@pytest.mark.subprocess
+def test_import_has_no_side_effects():
+    """``import interp`` changes neither plotly's renderer nor the environment, even in a kernel
+    (ipykernel imported); the first figure of ours does, once."""
+    import subprocess
+    import sys
+
+    script = ("import os, ipykernel, plotly.io as pio\nbefore, env = pio.renderers.default, dict(os.environ)\n"
+              "import interp\nassert pio.renderers.default == before and dict(os.environ) == env\n"
+              "interp.plots.bars([1.0], ['a'])\nprint(pio.renderers.default != before)")
+    env = {k: v for k, v in os.environ.items() if k not in ("INTERP_PLOTLY_RENDERER", "BROWSER_PATH")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True"

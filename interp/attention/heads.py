@@ -22,6 +22,7 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
+from ..display import figure
 from ..hooks import HookSpec
 from ..model import Gemma3
 from ..plots import escape_token, heatmap
@@ -213,7 +214,7 @@ class AttentionDistance:
         ['local (window 3)', 'global']
         """
         n_heads = self.distance.shape[1]
-        fig = go.Figure()
+        fig = figure()
         kinds = ((False, f"local (window {self.cfg.window})", "#1b9e77"), (True, "global", "#d95f02"))
         for is_glob, name, colour in kinds:
             xs, ys = [], []

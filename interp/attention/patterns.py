@@ -16,8 +16,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
+from ..display import subplots
 from ..hooks import HookSpec
 from ..model import Gemma3
 from ..plots import escape_tokens, heatmap
@@ -102,7 +102,7 @@ class PatternResult:
         cols = max(1, min(cols, n_heads))
         rows = math.ceil(n_heads / cols)
         labels = escape_tokens(self._labels(row))
-        fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in range(n_heads)],
+        fig = subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in range(n_heads)],
                             horizontal_spacing=0.04, vertical_spacing=0.08)
         hover = [[f"{labels[q]} → {labels[k]}" for k in range(s)] for q in range(s)] if s <= MAX_HOVER_TOKENS else None
         for h in range(n_heads):

@@ -24,6 +24,7 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
+from ..display import figure
 from ..features.dictionary import Dictionary
 from ..features.interventions import dictionary_hooks
 from ..plots import escape_token
@@ -57,7 +58,7 @@ class Intervention:
     def plot(self, title: str | None = None) -> go.Figure:
         """Grouped bars: the change of each logit, measured and predicted."""
         x = [escape_token(t) for t in self.labels]
-        fig = go.Figure([go.Bar(name="measured", x=x, y=self.change.tolist()),
+        fig = figure([go.Bar(name="measured", x=x, y=self.change.tolist()),
                          go.Bar(name="graph predicts", x=x, y=self.predicted.tolist())])
         fig.update_layout(barmode="group", title=title or f"Logit changes ({self.mode} intervention)",
                           yaxis_title="change of logit")

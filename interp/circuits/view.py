@@ -20,6 +20,7 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
+from ..display import figure
 from ..plots import escape_text, escape_token
 from .graph import Graph, Node
 from .prune import influence, normalized, prune
@@ -87,7 +88,7 @@ def plot_graph(graph: Graph, store: Any = None, transcoders: Any = None, title: 
     scale = float(inf.max()) or 1.0
     xy = _positions(g)
     extra = _contexts(store, transcoders, g.nodes) if store is not None else {}
-    fig = go.Figure()
+    fig = figure()
     a = g.adjacency
     nz = a.nonzero()
     if len(nz):

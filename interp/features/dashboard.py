@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.corpus import PAD_DOC
+from ..display import figure
 from .dictionary import Dictionary
 from .scan import (
     RESIDUAL_KINDS,
@@ -139,7 +140,7 @@ def _histogram_html(tops: TopActivations, feature: int, div_id: str) -> str:
     if not values.numel():
         return '<p class="note">No non-zero activations.</p>'
     shown = "all" if values.numel() == int(tops.count[i]) else f"a uniform sample of {values.numel():,} of"
-    fig = go.Figure(go.Histogram(x=values.tolist(), nbinsx=50, marker_color="#e66101"))
+    fig = figure(go.Histogram(x=values.tolist(), nbinsx=50, marker_color="#e66101"))
     fig.update_layout(template="plotly_white", height=300, margin=dict(l=50, r=20, t=40, b=40),
                       title=f"non-zero activations ({shown} {int(tops.count[i]):,})",
                       xaxis_title="activation", yaxis_title="tokens")

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..data.corpus import PAD_DOC
+from ..display import figure
 from ..evaluation import lm_loss
 from ..hooks import zero_ablate
 from ..progress import progress_bar
@@ -137,7 +138,7 @@ class FeatureEval:
         log = live.log10()
         dense = log[live > self.dense_threshold]
         normal = log[live <= self.dense_threshold]
-        fig = go.Figure()
+        fig = figure()
         fig.add_trace(go.Histogram(x=normal.tolist(), name="live", marker_color="#2166ac",
                                    xbins=dict(start=floor - 0.05, end=0.05, size=0.1)))
         fig.add_trace(go.Histogram(x=dense.tolist(), name=f"dense (> {self.dense_threshold:.0%})",

@@ -17,6 +17,7 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
+from ..display import figure, subplots
 from ..plots import escape_text, escape_token, heatmap
 from ..tokens import Top, top_entries
 
@@ -133,7 +134,7 @@ class Comparison:
         a, e = self.actual.values.flatten(), self.estimate.values.flatten()
         names = [escape_token(self.actual.index_labels(cell)) for cell in self.actual.cells()]
         lo, hi = float(torch.minimum(a.min(), e.min())), float(torch.maximum(a.max(), e.max()))
-        fig = go.Figure([
+        fig = figure([
             go.Scatter(x=a.tolist(), y=e.tolist(), mode="markers", text=names, name="sites",
                        hovertemplate="%{text}<br>actual %{x:.4g}<br>estimate %{y:.4g}<extra></extra>"),
             go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="grey"), name="y = x"),
@@ -145,10 +146,9 @@ class Comparison:
 
     def plot(self, title: str | None = None, scatter: bool = True) -> go.Figure:
         """Both heatmaps side by side on one colour scale, and (``scatter``) estimate vs actual."""
-        from plotly.subplots import make_subplots
 
         cols = 3 if scatter else 2
-        fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.08,
+        fig = subplots(rows=1, cols=cols, horizontal_spacing=0.08,
                             subplot_titles=[self.actual.method, self.estimate.method, "estimate vs actual"][:cols])
         bound = max(float(self.actual.values.abs().max()), float(self.estimate.values.abs().max()), 1e-12)
         for col, result in ((1, self.actual), (2, self.estimate)):
