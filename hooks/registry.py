@@ -26,6 +26,7 @@ shared between threads: the weights, the site names, and the ``check_finite`` de
 from __future__ import annotations
 
 import contextvars
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,7 +121,22 @@ def hook_pairs(hooks: HookSpec) -> list[tuple[Any, Hook]]:
             raise TypeError(f"hooks must be a dict {{name: fn}} or a list of (name, fn) pairs, got {item!r}")
         if not callable(item[1]):
             raise TypeError(f"the hook for {item[0]!r} is not callable: {item[1]!r}")
+        _check_arity(item[0], item[1])
     return pairs
+
+
+def _check_arity(name: Any, fn: Callable[..., Any]) -> None:
+    """A hook is called ``fn(x, site)``: refuse one that cannot take two positional arguments."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: they are called as they are
+        return
+    try:
+        sig.bind(None, None)
+    except TypeError:
+        raise TypeError(f"the hook for {name!r} has the signature {fn.__name__ if hasattr(fn, '__name__') else fn}"
+                        f"{sig}, but hooks are called fn(x, site): x the tensor at the site, site a Site (its "
+                        "name, layer, ...); write e.g. `lambda x, site: x * 0`") from None
 
 
 class HookRegistry:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -164,6 +165,15 @@ def run_info(args: argparse.Namespace, out: Any = None) -> int:
     return 0
 
 
+def for_the_shell(message: str) -> str:
+    """An error message with Python-only advice rewritten for the command line.
+
+    >>> for_the_shell("unknown site 'x'. see model.site_names() for all 9.")
+    "unknown site 'x'. run `python -m interp info` to list all 9."
+    """
+    return re.sub(r"see model\.site_names\(\) for all (\d+)", r"run `python -m interp info` to list all \1", message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m interp`` and the ``gemma3-interp`` script; returns the exit code."""
     parser = build_parser()
@@ -180,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {for_the_shell(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -92,6 +92,9 @@ class Metric:
         >>> logit_diff(3, 4).bind(None).name
         "logit_diff('3', '4')"
         """
+        vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+        if isinstance(vocab, int):
+            self._check_vocab(vocab)
         if self.factory is None or not self.targets:
             return self
         ids = tuple(token_id(model, t) if isinstance(t, str) else int(t) for t in self.targets)
@@ -100,6 +103,14 @@ class Metric:
         out = Metric(None, self.positions, f"{base}({shown})", targets=ids, factory=self.factory,
                      reads_targets=self.reads_targets)
         return out
+
+    def _check_vocab(self, vocab: int) -> None:
+        """Refuse target ids outside a vocabulary of ``vocab`` tokens, naming the metric."""
+        ids = [t for t in (*self.targets, *(self.token_ids or ())) if isinstance(t, int) and not isinstance(t, bool)]
+        bad = sorted({t for t in ids if not 0 <= t < vocab})
+        if bad:
+            raise IndexError(f"metric {self.name}: token id(s) {bad} are outside the vocabulary of {vocab:,} tokens "
+                             f"(ids 0..{vocab - 1}); pass ids the model knows, or text targets")
 
     def _fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.fn is None:
@@ -124,6 +135,8 @@ class Metric:
         """Values ``[batch]`` from logits at ``self.resolve(seq)`` only (``[batch, k, vocab]``, that
         order; ``vocab_selected``: ``[batch, k, len(token_ids)]``, only the metric's vocabulary entries)."""
         fn = self._fn()
+        if not vocab_selected:
+            self._check_vocab(logits.shape[-1])
         if self.token_ids is not None and not vocab_selected:
             logits = logits[..., list(self.token_ids)]
         needed = self.resolve(seq)
@@ -139,6 +152,7 @@ class Metric:
         fn = self._fn()
         if logits.dim() == 2:
             logits = logits[None]
+        self._check_vocab(logits.shape[-1])
         if self.token_ids is not None:
             logits = logits[..., list(self.token_ids)]
         if self.positions is None:

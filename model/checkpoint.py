@@ -229,6 +229,51 @@ def check_source(cfg: Gemma3Config, source: TensorSource) -> None:
         raise CheckpointError("\n".join(lines))
 
 
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A model dtype from a torch dtype or its name (``"bfloat16"``, ``"torch.bfloat16"``, ``"bf16"``).
+
+    >>> resolve_dtype("bfloat16"), resolve_dtype(torch.float32)
+    (torch.bfloat16, torch.float32)
+    """
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key not in DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r} is not a dtype this model runs in: use torch.float32 (or 'float32') "
+                             "or torch.bfloat16 (or 'bfloat16'); float16 overflows on Gemma 3 activations")
+        return DTYPE_NAMES[key]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype {dtype} is not supported: use torch.float32 or torch.bfloat16 "
+                         "(float16 overflows on Gemma 3 activations)")
+    return dtype
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this torch build can use, or an error that says why not.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device name ({e}); use 'cpu', 'cuda', 'cuda:1' or "
+                         "'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "has no CUDA support (a CPU build)" if torch.version.cuda is None else "finds no usable GPU"
+        raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) {build}; use device='cpu', or "
+                         "install a CUDA build of torch on a machine with an NVIDIA GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: there are {torch.cuda.device_count()} GPUs (cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {str(device)!r}: MPS is not available here; use device='cpu'")
+    return dev
+
+
 def check_fits(cfg: Gemma3Config, dtype: torch.dtype, device: str | torch.device, what: str = "the weights") -> None:
     """Refuse (with the numbers) a model larger than the memory free on ``device``."""
     from .runs import available_memory, format_bytes
@@ -252,4 +297,4 @@ def inside(folder: Path, name: str) -> Path:
 
 __all__ = ["CheckpointError", "TensorSource", "FLOAT_DTYPES", "our_name", "expected_shapes", "layer_count",
            "safetensors_source", "state_dict_source", "split_fused_qkv", "check_layer_count", "check_source",
-           "check_fits", "inside"]
+           "check_fits", "inside", "resolve_dtype", "resolve_device"]

@@ -58,7 +58,7 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: Gemma3Config | str, seed: int = 0, dtype: torch.dtype = torch.float32,
+    def from_config(cls, cfg: Gemma3Config | str, seed: int = 0, dtype: torch.dtype | str = torch.float32,
                     device: str | torch.device = "cpu", tokenizer: Any = None) -> Gemma3:
         """Random weights (N(0, 0.02) matrices; norm offsets N(0, 0.1), so norms are exercised).
 
@@ -70,10 +70,11 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         ...     n_kv_heads=1, d_head=8, vocab_size=9)).cfg.n_layers
         1
         """
-        from .loading import check_fits
+        from .loading import check_fits, resolve_device, resolve_dtype
 
         if isinstance(cfg, str):
             cfg = Gemma3Config.preset(cfg)
+        dtype, device = resolve_dtype(dtype), resolve_device(device)
         check_fits(cfg, dtype, device, what="random weights")
         gen = torch.Generator().manual_seed(seed)
         with torch.device("meta"):
@@ -86,7 +87,7 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         return model.to(dtype).requires_grad_(False).eval()
 
     @classmethod
-    def from_pretrained(cls, src: str | os.PathLike = "demo", dtype: torch.dtype = torch.float32,
+    def from_pretrained(cls, src: str | os.PathLike = "demo", dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", **kwargs: Any) -> Gemma3:
         """Load real weights from ``src``.
 

@@ -28,6 +28,8 @@ from .checkpoint import (
     check_source,
     inside,
     layer_count,
+    resolve_device,
+    resolve_dtype,
     safetensors_source,
     split_fused_qkv,
     state_dict_source,
@@ -64,13 +66,11 @@ def build_from_source(cls: Any, cfg: Gemma3Config, source: TensorSource, dtype: 
     return model.eval()
 
 
-def load_pretrained(cls: Any, src: str | os.PathLike, dtype: torch.dtype = torch.float32,
+def load_pretrained(cls: Any, src: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                     device: str | torch.device = "cpu", config: Gemma3Config | str | None = None,
                     tokenizer: Any = None, check_finite: bool | None = None) -> Any:
     """Resolve ``src`` (see ``Gemma3.from_pretrained``) and build the model from it."""
-    if dtype not in (torch.float32, torch.bfloat16, torch.float64):
-        raise ValueError(f"dtype {dtype} is not supported: use torch.float32 or torch.bfloat16 "
-                         "(float16 overflows on Gemma 3 activations)")
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     if isinstance(config, str):
         config = Gemma3Config.preset(config)
     if str(src) == "demo":
@@ -82,8 +82,13 @@ def load_pretrained(cls: Any, src: str | os.PathLike, dtype: torch.dtype = torch
         if _looks_like_hub_id(str(src)) and not Path(str(src).split("/")[0]).is_dir():
             path = download_from_hub(str(src))
         else:
+            import difflib
+
+            near = difflib.get_close_matches(str(src), ["demo"], n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r} (the embedded Gemma 3 270M)?" if near else (
+                "; 'demo' loads the embedded Gemma 3 270M")
             raise FileNotFoundError(
-                f"{src!r} is neither a local file or directory nor a hub id like 'google/gemma-3-1b-pt'")
+                f"{src!r} is neither a local file or directory nor a hub id like 'google/gemma-3-1b-pt'{hint}")
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import read_gguf
         from .tokenizer import Tokenizer

@@ -769,6 +769,7 @@ def test_cli_unknown_site_is_a_one_line_error(tiny_hf, corpus_txt, tmp_path, cap
     assert rc == 1
     err = _one_line_error(capsys)
     assert "unknown site 'blocks.1.resid_pots'" in err and "blocks.1.resid_post" in err
+    assert "python -m interp info" in err and "site_names()" not in err  # advice for the shell, not Python
     assert not out.exists()
 
 
