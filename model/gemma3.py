@@ -14,6 +14,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -44,6 +45,8 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
     ``"eager"`` (always the explicit path). ``check_finite = True`` is a debug switch: every
     site then checks for NaN and inf as it fires and names the first one that has them.
     """
+
+    source: str | None = None  # what from_pretrained loaded ("demo", a path, a hub id); None for random weights
 
     def __init__(self, cfg: Gemma3Config, tokenizer: Any = None):
         super().__init__()
@@ -103,7 +106,10 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         """
         from .loading import load_pretrained
 
-        return load_pretrained(cls, src, dtype=dtype, device=device, **kwargs)
+        model = load_pretrained(cls, src, dtype=dtype, device=device, **kwargs)
+        model.source = "demo" if str(src) == "demo" else (
+            str(Path(src).expanduser().resolve()) if Path(src).expanduser().exists() else str(src))
+        return model
 
     # ------------------------------------------------------------------ properties
     @property

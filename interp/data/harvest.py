@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -85,8 +86,9 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
     of :mod:`interp.hooks.positions`, e.g. ``-1`` or ``slice(1, None)``) harvests only those
     positions of each row; ``max_tokens`` stops after that many tokens. Activations are stored in
     ``dtype`` (bfloat16 by default: half the disk of float32). The free disk space is checked
-    against an estimate first. ``model_source`` (e.g. ``"demo"``) is recorded so the store can
-    find the tokenizer again. Returns the :class:`~interp.data.store.ActivationStore`.
+    against an estimate first. ``model_source`` (default: ``model.source``, what
+    :meth:`~interp.model.Gemma3.from_pretrained` loaded, e.g. ``"demo"``) is recorded so that
+    ``store.texts`` finds the tokenizer again. Returns the :class:`~interp.data.store.ActivationStore`.
 
     A shard holds ``shard_tokens`` tokens' rows, by default as many rows as fit in
     :data:`SHARD_BYTES` (256 MiB), or, when ``out_dir`` already holds this harvest, the shard size
@@ -127,7 +129,7 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
     plan: dict[str, Any] = {
         "format": FORMAT,
         "model": {"fingerprint": model_fingerprint(model), "config": model.cfg.to_dict(),
-                  "source": model_source or "", "dtype": str(model.dtype).removeprefix("torch.")},
+                  "source": model_source or model.source or "", "dtype": str(model.dtype).removeprefix("torch.")},
         "sites": {s: {"dims": _dims(model, s)} for s in sites},
         "dtype": str(dtype).removeprefix("torch."), "context": context, "positions": kept, "pack": pack,
         "max_tokens": max_tokens, "shard_rows": shard_rows, "n_rows": rows.n_rows,
@@ -139,9 +141,13 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
     group.barrier()
     mine = [k for k in range(n_shards) if k % group.world == group.rank]
     todo = [k for k in mine if not (out / shard_name(k)).is_file()]
+    if progress and len(todo) < len(mine):
+        kept_shards = len(mine) - len(todo)
+        state = "already complete; nothing to do" if not todo else f"resuming after {kept_shards} whole shards"
+        print(f"harvest: {out} holds {kept_shards} of {len(mine)} shards: {state}", file=sys.stderr)
     writer = _Writer(out)
-    bar = progress_bar(sum(_shard_tokens(rows, k, shard_rows, kept) for k in todo), "harvest", "tok", progress,
-                       unit_scale=True)
+    bar = progress_bar(sum(_shard_tokens(rows, k, shard_rows, kept) for k in todo), "harvest", "tok",
+                       progress and bool(todo), unit_scale=True)
     try:
         with torch.no_grad():
             for k in todo:
@@ -199,8 +205,11 @@ def _prepare(out: Path, plan: dict[str, Any], rows: Rows, need: int) -> None:
             old = json.loads(existing.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             raise HarvestError(f"{existing} is damaged; delete {out} to start again") from None
-        if old != json.loads(json.dumps(plan)):
-            diffs = [k for k in sorted(set(old) | set(plan)) if old.get(k) != json.loads(json.dumps(plan)).get(k)]
+        new = json.loads(json.dumps(plan))
+        for p in (old, new):  # where the weights came from is not a setting (the fingerprint checks the weights)
+            p.get("model", {}).pop("source", None)
+        if old != new:
+            diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             raise HarvestError(f"{out} holds a harvest with other settings ({', '.join(diffs)} differ); rerun with "
                                "the same settings to resume it, or choose another directory")
     else:

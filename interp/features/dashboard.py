@@ -196,15 +196,35 @@ def _page(model: Any, dictionary: Dictionary, feature: int, tops: TopActivations
 """
 
 
+class Page(str):
+    """An HTML page (a ``str``) that a notebook shows as one line, not megabytes of markup.
+
+    >>> Page("<html>" + "x" * 2_000_000, path="f1.html")
+    <HTML page, 2.0 MB, written to f1.html>
+    """
+
+    path: Path | None
+
+    def __new__(cls, html: str, path: str | os.PathLike | None = None) -> Page:
+        page = super().__new__(cls, html)
+        page.path = None if path is None else Path(path)
+        return page
+
+    def __repr__(self) -> str:
+        where = f", written to {self.path}" if self.path is not None else ""
+        return f"<HTML page, {len(self.encode('utf-8')) / 1e6:.1f} MB{where}>"
+
+
 def feature_dashboard(model: Any, dictionary: Dictionary, feature: int, store: Any, *, k: int = 20,
                       path: str | os.PathLike | None = None, window: tuple[int, int] = (12, 4),
                       k_logits: int | None = None, tokenizer: Any = None, site: str | None = None,
-                      progress: bool = True) -> str:
+                      progress: bool = True) -> Page:
     """One feature's offline HTML page (see the module docstring): its ``k`` top-activating
     contexts from ``store`` (``window`` tokens before/after, shaded by the feature's activation),
     the histogram of its non-zero activations and its top ``k_logits`` (default ``k``) positive
-    and negative logit effects. Written to ``path`` when given; returns the HTML. Token text comes
-    from ``tokenizer`` (default the model's)."""
+    and negative logit effects. Written to ``path`` when given; returns the HTML as a :class:`Page`
+    (a ``str`` whose repr is one line, so a notebook cell does not print the page). Token text
+    comes from ``tokenizer`` (default the model's)."""
     d = dictionary
     tops = top_activations(d, store, [int(feature)], k=k, window=window, site=site, progress=progress)
     page = _page(model, d, int(feature), tops, _Tokens(model, store, tokenizer), k_logits=k_logits or k,
@@ -212,7 +232,7 @@ def feature_dashboard(model: Any, dictionary: Dictionary, feature: int, store: A
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(page, encoding="utf-8")
-    return page
+    return Page(page, path)
 
 
 def page_name(feature: int) -> str:
@@ -274,5 +294,5 @@ def feature_index(model: Any, dictionary: Dictionary, store: Any, features: Iter
     return out
 
 
-__all__ = ["top_activations", "TopActivations", "feature_dashboard", "feature_index", "logit_effects",
+__all__ = ["Page", "top_activations", "TopActivations", "feature_dashboard", "feature_index", "logit_effects",
            "logit_effects_of", "page_name"]

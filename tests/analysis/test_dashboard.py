@@ -215,6 +215,7 @@ def test_dashboard_escapes_token_text_and_embeds_plotly_once(model, store, tmp_p
     path = tmp_path / "sub" / "feature0.html"
     page = feature_dashboard(model, planted(model), 0, store, k=5, path=path, progress=False)
     assert path.read_text(encoding="utf-8") == page
+    assert repr(page) == f"<HTML page, {len(page.encode()) / 1e6:.1f} MB, written to {path}>"  # a notebook's echo
     assert SCRIPT not in page
     assert page.count(html.escape(SCRIPT)) >= 5  # each context's top token (and the logit tables)
     assert 'class="tok top" style="background: rgba(255, 90, 0, 1.000)" title="activation' in page

@@ -821,3 +821,41 @@ def test_default_shards_hold_what_fits_in_the_byte_budget(model, tmp_path, monke
     want = harvest(model, DOCS, SITES, tmp_path / "ref", context=12, batch_size=3, shard_tokens=48, progress=False)
     for site in SITES:
         assert torch.equal(store[site][:], want[site][:])
+
+
+def test_a_store_finds_the_tokenizer_of_the_model_it_was_harvested_with(tiny_hf, corpus_txt, tmp_path):
+    """The README's order: harvest with a loaded model (no model_source=), then store.texts([0])."""
+    import interp
+    from interp.data import Corpus
+
+    model = interp.load(str(tiny_hf))
+    assert model.source == str(tiny_hf.resolve())
+    store = interp.harvest(model, Corpus(corpus_txt), "blocks.1.resid_post", tmp_path / "h", context=16,
+                           max_tokens=64, progress=False)
+    text = store.texts([0])[0]
+    assert text and text in corpus_txt.read_text(encoding="utf-8").replace("\n\n", model.tokenizer.decode([2]))
+    # a store planned before models knew their source ("" recorded) still resumes: the source is no setting
+    plan = json.loads((tmp_path / "h" / "plan.json").read_text())
+    plan["model"]["source"] = ""
+    (tmp_path / "h" / "plan.json").write_text(json.dumps(plan))
+    interp.harvest(model, Corpus(corpus_txt), "blocks.1.resid_post", tmp_path / "h", context=16, max_tokens=64,
+                   progress=False)
+
+
+def test_a_rerun_says_whether_it_resumes_or_has_nothing_to_do(tiny_hf, corpus_txt, tmp_path, capsys):
+    """A finished harvest run again says it is complete (no empty progress bar); a partial one says
+    how many shards it keeps."""
+    import interp
+
+    model, texts = interp.load(str(tiny_hf)), str(corpus_txt)
+    kw = dict(context=8, max_tokens=256, shard_tokens=32, progress=True)
+    interp.harvest(model, texts, "blocks.1.resid_post", tmp_path / "h", **kw)
+    capsys.readouterr()
+    interp.harvest(model, texts, "blocks.1.resid_post", tmp_path / "h", **kw)
+    err = capsys.readouterr().err
+    assert "already complete; nothing to do" in err and "tok/s" not in err and "0.00tok" not in err
+    shards = sorted((tmp_path / "h").glob("shard_*.safetensors"))
+    shards[-1].unlink()
+    interp.harvest(model, texts, "blocks.1.resid_post", tmp_path / "h", **kw)
+    err = capsys.readouterr().err
+    assert f"holds {len(shards) - 1} of {len(shards)} shards: resuming" in err
