@@ -158,7 +158,7 @@ def site_activations(model: Any, prompts: Sequence[Any], site: str, position: in
 
 
 def steering_vector(model: Any, positives: Sequence[Any], negatives: Sequence[Any],
-                    site: str = "blocks.6.resid_pre", position: int = -1, *, batch_size: int = 16) -> SteeringVector:
+                    site: str, position: int = -1, *, batch_size: int = 16) -> SteeringVector:
     """Contrastive activation addition: ``mean(act(positives)) - mean(act(negatives))`` at
     ``site``, reading each prompt at ``position`` (``-1``: its last token; prompts may have
     different lengths). ``site`` is one per-token site (a name or alias; the residual stream

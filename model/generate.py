@@ -24,6 +24,8 @@ from .inputs import InputError, is_text
 from .kvcache import KVCache
 from .sampling import Sampler
 
+# <end_of_turn> in Gemma 3's vocabulary (every released size). Only a model without a tokenizer uses
+# it: with one, the tokenizer's own ids decide (see _stop_ids).
 END_OF_TURN_ID = 106
 
 if TYPE_CHECKING:
@@ -102,6 +104,7 @@ class _Run:
                  max_new_tokens: int, stops: list[int], stop_strings: Sequence[str], stop_at_eos: bool):
         self.model, self.ids, self.mask, self.sampler = model, ids, mask, sampler
         self.max_new_tokens, self.stop_ids, self.stop_strings = max_new_tokens, stops, list(stop_strings)
+        self.end_of_turn = next((t for t in stops if t != model.cfg.eos_token_id), None)
         self.stop_at_eos = stop_at_eos
         batch = ids.shape[0]
         self.kv = KVCache.empty(model.cfg, batch, model.dtype, model.device,
@@ -150,7 +153,7 @@ class _Run:
             self.host[row].append(tok)
             if stopped and self.stop_at_eos:
                 self.done_host[row] = True
-                self.reasons[row] = "end_of_turn" if tok == END_OF_TURN_ID else "eos"
+                self.reasons[row] = "end_of_turn" if tok == self.end_of_turn else "eos"
         if self.stop_strings or self.live_text:  # else decoded once at the end (each decode reads every token)
             self._update_texts()
         if self.stop_at_eos:
@@ -215,8 +218,13 @@ class GenerateMixin:
             raise InputError("stop strings need a tokenizer to read the text; this model has none")
         sampler = Sampler(**sampling, batch=ids.shape[0], device=self.device)
         sampler.observe(ids, self.cfg.vocab_size, mask)
-        stop_ids = [self.cfg.eos_token_id, END_OF_TURN_ID]
-        return _Run(self, ids, mask, sampler, max_new_tokens, stop_ids, stops, stop_at_eos)
+        return _Run(self, ids, mask, sampler, max_new_tokens, self._stop_ids(), stops, stop_at_eos)
+
+    def _stop_ids(self) -> list[int]:
+        """EOS (the config's) and ``<end_of_turn>`` (the tokenizer's; Gemma 3's id without one)."""
+        tokenizer_ids = getattr(self.tokenizer, "stop_ids", None)
+        others = sorted(set(tokenizer_ids) - {self.cfg.eos_token_id}) if tokenizer_ids else [END_OF_TURN_ID]
+        return [self.cfg.eos_token_id, *others]
 
     def _finish(self, run: _Run, prompt: Any) -> Generation:
         out = torch.stack(run.new, dim=1).cpu()

@@ -240,16 +240,15 @@ def page_name(feature: int) -> str:
     return f"feature_{int(feature)}.html"
 
 
-def feature_index(model: Any, dictionary: Dictionary, store: Any, features: Iterable[int] | None = None,
-                  out_dir: str | os.PathLike | None = None, *, k: int = 10, window: tuple[int, int] = (12, 4),
+def feature_index(model: Any, dictionary: Dictionary, store: Any, features: Iterable[int] | None,
+                  out_dir: str | os.PathLike, *, k: int = 10, window: tuple[int, int] = (12, 4),
                   k_logits: int = 10, tokenizer: Any = None, site: str | None = None,
                   progress: bool = True) -> Path:
     """Pages for many ``features`` (default all) from **one** scan of ``store``, in ``out_dir``:
     ``feature_<f>.html`` each, ``index.html`` (each feature's frequency and top tokens, linking
     its page), ``index.json`` (the same, and each feature's top ``(row, position, activation)``)
-    and ``plotly.min.js`` (shared by the pages; offline). Returns the folder."""
-    if out_dir is None:
-        raise ValueError("feature_index needs out_dir, the folder to write the pages into")
+    and ``plotly.min.js`` (shared by the pages; offline). ``features=None`` writes every feature's
+    page. Returns the folder."""
     from plotly.offline import get_plotlyjs
 
     d = dictionary

@@ -37,7 +37,7 @@ equal to the corrupt one (every site before the first token where the prompts di
 patch after the last metric position (``PatchingResult.skipped`` counts them); an all-position
 head patch starts at the first position where the head's output differs. On a CPU, groups
 with few tokens are merged into one pass (see :data:`MERGE_TOKEN_ROWS`). Results equal a naive
-loop of one patched forward per experiment to fp32 rounding (``tests/test_patching.py``).
+loop of one patched forward per experiment to fp32 rounding (``tests/analysis/test_patching.py``).
 
 >>> import torch
 >>> from interp.model import Gemma3, Gemma3Config

@@ -312,7 +312,7 @@ def test_errors(model, store, tmp_path):
         top_activations(sae, store, [1], window=(-1, 2), progress=False)
     with pytest.raises(KeyError, match=r"'blocks\.3\.resid_post', which this store did not harvest"):
         top_activations(JumpReLUSAE.random(D, 4, site="blocks.3.resid_post"), store, progress=False)
-    with pytest.raises(ValueError, match="needs out_dir"):
+    with pytest.raises(TypeError, match="out_dir"):  # a required argument, not a None that then raises
         feature_index(model, sae, store, [0])
     assert not model.registry.active and torch.equal(model(IDS), before)
 
