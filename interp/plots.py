@@ -12,6 +12,8 @@ decode ``&quot;`` and would show it literally; a test reads the rendered text in
 from __future__ import annotations
 
 import html
+import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,18 +23,35 @@ import torch
 
 from .display import figure
 
+_BYTE = re.compile(r"\\x([0-9a-fA-F]{2})")
+_UNPRINTABLE = {"Cc", "Cf", "Co", "Cn", "Cs", "Zl", "Zp"}
+
+
+def _readable(ch: str) -> str:
+    """A character that draws nothing or a missing-glyph box (control, format, private-use,
+    unassigned, surrogate) as its code point; others as they are."""
+    return f"⟨U+{ord(ch):04X}⟩" if unicodedata.category(ch) in _UNPRINTABLE else ch
+
 
 def escape_token(text: str) -> str:
-    """HTML-escape a token and make whitespace visible (newline ↵, tab ⇥, leading/trailing space ·).
+    r"""HTML-escape a token and make it readable: whitespace visible (newline ↵, tab ⇥, leading or
+    trailing space ·), a byte-fallback token (one byte of a longer UTF-8 character, ``'\\xee'``) as
+    ``⟨0xEE⟩``, characters that draw nothing as their code point, and a leading combining mark on ◌.
 
-    >>> escape_token(" Paris"), escape_token('say "hi"')
-    ('·Paris', 'say "hi"')
+    >>> escape_token(" Paris"), escape_token('say "hi"'), escape_token("\\xee"), escape_token("\u200b")
+    ('·Paris', 'say "hi"', '⟨0xEE⟩', '⟨U+200B⟩')
     """
+    byte = _BYTE.fullmatch(text)
+    if byte:
+        return f"⟨0x{byte.group(1).upper()}⟩"
     text = html.escape(text, quote=False).replace("\n", "↵").replace("\t", "⇥").replace("\r", "⏎")
     if text.startswith(" "):
         text = "·" + text[1:]
     if text.endswith(" ") and len(text) > 1:
         text = text[:-1] + "·"
+    text = "".join(_readable(ch) for ch in text)
+    if text and unicodedata.category(text[0]) in ("Mn", "Me"):
+        text = "◌" + text
     return text if text else "∅"
 
 
