@@ -35,15 +35,12 @@ def _positions(graph: Graph) -> list[tuple[float, float]]:
     for i, n in enumerate(graph.nodes):
         groups.setdefault((n.layer, n.pos) if n.kind != "logit" else (n.layer, -1), []).append(i)
     xy = [(0.0, 0.0)] * len(graph)
-    n_logits = len(groups.get((graph.n_layers, -1), []))
-    seq = len(graph.tokens)
     for (layer, pos), members in groups.items():
+        if pos == -1:  # logits: above the position they predict from, the most likely at the right
+            members = sorted(members, key=lambda i: graph.nodes[i].activation)
         for j, i in enumerate(members):
             n = graph.nodes[i]
-            if n.kind == "logit":  # across the whole top row, the most likely at the right
-                x = (seq - 1) * (1 - j / max(n_logits - 1, 1)) if n_logits > 1 else float(n.pos)
-            else:
-                x = pos + (0.8 * (j + 0.5) / len(members) - 0.4 if len(members) > 1 else 0.0)
+            x = n.pos + (0.8 * (j + 0.5) / len(members) - 0.4 if len(members) > 1 else 0.0)
             xy[i] = (x, float(layer))
     return xy
 
@@ -128,9 +125,16 @@ def plot_graph(graph: Graph, store: Any = None, transcoders: Any = None, title: 
                 text += "<br><i>top activations</i><br>" + extra[i]
             hover.append(text)
         sizes = [6 + 22 * (float(inf[i]) / scale) ** 0.5 for i in idx]
-        words = [escape_token(g.nodes[i].label.removeprefix("logit ")[1:-1]) for i in idx] if kind == "logit" else None
+        words, places = None, None
+        if kind == "logit":  # labels alternate above and below, so that neighbours in one column do not collide
+            words = [escape_token(g.nodes[i].label.removeprefix("logit ")[1:-1]) for i in idx]
+            order = sorted(range(len(idx)), key=lambda j: xy[idx[j]][0])
+            places = [""] * len(idx)
+            for rank, j in enumerate(order):
+                places[j] = "top center" if (len(order) - 1 - rank) % 2 == 0 else "bottom center"
         fig.add_trace(go.Scatter(x=[xy[i][0] for i in idx], y=[xy[i][1] for i in idx], name=kind,
-                                 mode="markers+text" if words else "markers", text=words, textposition="top center",
+                                 mode="markers+text" if words else "markers", text=words,
+                                 textposition=places or "top center", textfont={"size": 10},
                                  marker={"size": sizes, "color": COLORS[kind], "symbol": SYMBOLS[kind],
                                          "line": {"width": 0.5, "color": "#333"}},
                                  hovertext=hover, hoverinfo="text"))

@@ -217,6 +217,20 @@ def test_plot_escapes_tokens_and_sizes_by_influence(graph):
     assert any(t.mode == "lines" for t in fig.data)
 
 
+def test_logits_sit_above_the_position_they_predict_from(graph):
+    """The logit stars cluster over the last position (most likely at the right), not across the row."""
+    fig = graph.plot()
+    logits = next(t for t in fig.data if t.name == "logit")
+    last = len(graph.tokens) - 1
+    assert all(last - 0.4 <= x <= last + 0.4 for x in logits.x)
+    g = graph if graph.pruned is not None else graph.prune()
+    probs = sorted(n.activation for n in g.nodes if n.kind == "logit")
+    by_x = [p for _, p in sorted(zip(logits.x, [float(s) for s in logits.marker.size]))]
+    assert len(by_x) == len(probs) and by_x == sorted(by_x)  # sized by probability: the largest at the right
+    if len(logits.x) > 1:
+        assert {"top center", "bottom center"} <= set(logits.textposition)
+
+
 # ---------------------------------------------------------------------- errors
 def test_bad_inputs_are_clear_errors_and_leave_the_model_usable(model, tcs):
     before = logits_before(model)
