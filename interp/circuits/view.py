@@ -128,10 +128,10 @@ def plot_graph(graph: Graph, store: Any = None, transcoders: Any = None, title: 
         words, places = None, None
         if kind == "logit":  # labels alternate above and below, so that neighbours in one column do not collide
             words = [escape_token(g.nodes[i].label.removeprefix("logit ")[1:-1]) for i in idx]
-            order = sorted(range(len(idx)), key=lambda j: xy[idx[j]][0])
+            by_x = sorted(range(len(idx)), key=lambda j: xy[idx[j]][0])
             places = [""] * len(idx)
-            for rank, j in enumerate(order):
-                places[j] = "top center" if (len(order) - 1 - rank) % 2 == 0 else "bottom center"
+            for rank, j in enumerate(by_x):
+                places[j] = "top center" if (len(by_x) - 1 - rank) % 2 == 0 else "bottom center"
         fig.add_trace(go.Scatter(x=[xy[i][0] for i in idx], y=[xy[i][1] for i in idx], name=kind,
                                  mode="markers+text" if words else "markers", text=words,
                                  textposition=places or "top center", textfont={"size": 10},

@@ -13,7 +13,8 @@ it does.
 
 Pages work offline: plotly.js is embedded once per page (or, in :func:`feature_index`'s folder,
 written once as ``plotly.min.js`` next to the pages); nothing is fetched from a CDN. Token text is
-untrusted (a model can emit ``<script>``): every token goes through :func:`html.escape`.
+untrusted (a model can emit ``<script>``): pages are Jinja2 templates with autoescaping
+(:mod:`interp.pages`), so every value is escaped unless this module marks it safe.
 
 **Logit effects** are the decoder direction read through the unembedding:
 ``(W_dec[f] * (1 + final_norm.weight)) @ W_E.T``. The final RMSNorm's data-dependent scale
@@ -29,7 +30,6 @@ PosixPath('features')
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -38,8 +38,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup
+
 from ..data.corpus import PAD_DOC
 from ..display import figure
+from ..pages import render, trusted
 from .dictionary import Dictionary
 from .scan import (
     RESIDUAL_KINDS,
@@ -68,21 +71,55 @@ td.token { font-family: ui-monospace, monospace; white-space: pre; }
 """
 
 
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+FEATURE_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Feature {{ feature }} · {{ site }}</title>
+<style>{{ style }}</style>
+{% if plotlyjs == "inline" %}<script id="plotlyjs" type="text/javascript">{{ plotly_library }}</script>
+{% else %}<script id="plotlyjs" type="text/javascript" src="{{ plotlyjs }}"></script>
+{% endif %}</head><body>
+{% if index_link %}<p><a href="index.html">&larr; all features</a></p>{% endif %}<h1>Feature {{ feature }}</h1>
+<p class="summary">{{ site }} · fires on {{ "{:,}".format(count) }} of {{ "{:,}".format(n_tokens) }} tokens \
+({{ "{:.4%}".format(frequency) }}) · max {{ "{:.4g}".format(max) }} · mean when firing {{ "{:.4g}".format(mean) }}</p>
+<h2>Top activations</h2>
+<div class="contexts">
+{% for c in contexts %}<div class="ctx"><span class="meta">#{{ loop.index }} · {{ "{:.4g}".format(c.value) }} · \
+{{ c.where }}</span>{% for t in c.tokens %}{% if t.act is none %}<span class="{{ t.cls }} unknown" \
+title="not harvested">{{ t.text | token }}</span>{% else %}<span class="{{ t.cls }}" \
+style="background: rgba(255, 90, 0, {{ "%.3f" | format(t.alpha) }})" title="activation {{ "{:.4g}".format(t.act) }}">\
+{{ t.text | token }}</span>{% endif %}{% endfor %}</div>
+{% else %}<p class="note">This feature never fires on the scanned tokens.</p>
+{% endfor %}</div>
+<h2>Activation histogram</h2>
+{% if histogram %}{{ histogram }}{% else %}<p class="note">No non-zero activations.</p>{% endif %}
+<h2>Logit effects</h2>
+<div class="logits">{% if effects is none %}<p class="note">The dictionary writes width {{ d_out }}, not the \
+residual stream's {{ d_model }}: no logit effects.</p>{% else %}{% for label, rows in effects %}<table><tr>\
+<th>{{ label }}</th><th>effect</th></tr>{% for _, text, value in rows %}<tr><td class="token">{{ text | token }}</td>\
+<td class="num">{{ "%+.4g" | format(value) }}</td></tr>{% endfor %}</table>{% endfor %}<p class="note">W_dec[f] · \
+(1 + final_norm.weight) projected on the unembedding; the final norm's data-dependent scale (1 / rms of the residual) \
+is left out: it scales every token's effect alike.{% if caveat %} {{ caveat }} is not added to the residual stream as \
+it is: read these with care.{% endif %}</p>{% endif %}</div>
+</body></html>
+"""
 
-
-def _tok(text: str) -> str:
-    """A token for a page: escaped, newlines and tabs visible (spaces kept by ``white-space: pre``)."""
-    return html.escape(text, quote=True).replace("\n", "↵").replace("\t", "⇥").replace("\r", "⏎") or "∅"
-
-
-def _plotly_tag(plotlyjs: str) -> str:
-    if plotlyjs == "inline":
-        from plotly.offline import get_plotlyjs
-
-        return f'<script id="plotlyjs" type="text/javascript">{get_plotlyjs()}</script>'
-    return f'<script id="plotlyjs" type="text/javascript" src="{_esc(plotlyjs)}"></script>'
+INDEX_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Features · {{ site }}</title>
+<style>{{ style }}</style>
+</head><body>
+<h1>{{ "{:,}".format(entries | length) }} features of {{ kind }} ({{ "{:,}".format(d_sae) }} features) at \
+{{ site }}</h1>
+<p class="summary">{{ "{:,}".format(n_tokens) }} tokens scanned.</p>
+<table>
+<tr><th>feature</th><th>frequency</th><th>tokens</th><th>max</th><th>top tokens</th></tr>
+{% for e in entries %}<tr><td><a href="{{ e.page }}">{{ e.feature }}</a></td><td class="num">\
+{{ "{:.4%}".format(e.frequency) }}</td><td class="num">{{ "{:,}".format(e.count) }}</td><td class="num">\
+{{ "{:.4g}".format(e.max) }}</td><td class="token">{% for t in e.top_tokens %}<span class="tok">{{ t | token }}</span>\
+{% if not loop.last %} {% endif %}{% endfor %}</td></tr>
+{% endfor %}</table>
+</body></html>
+"""
 
 
 class _Tokens:
@@ -104,13 +141,12 @@ class _Tokens:
         return self.cache[r]
 
 
-def _contexts_html(tops: TopActivations, feature: int, tokens: _Tokens) -> str:
+def _contexts(tops: TopActivations, feature: int, tokens: _Tokens) -> list[dict[str, Any]]:
+    """Each top activation's context: where it is, and its tokens with their shading."""
     i = tops.index_of(feature)
     top = tops.top(feature)
-    if not top:
-        return '<p class="note">This feature never fires on the scanned tokens.</p>'
-    scale = max(v for _, _, v in top)
-    lines = []
+    scale = max((v for _, _, v in top), default=0.0)
+    out = []
     for n, (row, pos, value) in enumerate(top):
         strings = tokens.row(row)
         doc, doc_pos = int(tokens.store.doc[row, pos]), int(tokens.store.pos[row, pos])
@@ -120,80 +156,46 @@ def _contexts_html(tops: TopActivations, feature: int, tokens: _Tokens) -> str:
             if p not in strings:
                 continue
             act = float(tops.windows[i, n, j])
-            cls = "tok top" if p == pos else "tok"
-            if math.isnan(act):
-                spans.append(f'<span class="{cls} unknown" title="not harvested">{_tok(strings[p])}</span>')
-                continue
-            alpha = max(0.0, min(1.0, act / scale)) if scale > 0 else 0.0
-            spans.append(f'<span class="{cls}" style="background: rgba(255, 90, 0, {alpha:.3f})" '
-                         f'title="activation {act:.4g}">{_tok(strings[p])}</span>')
-        lines.append(f'<div class="ctx"><span class="meta">#{n + 1} · {value:.4g} · {_esc(where)}</span>'
-                     f'{"".join(spans)}</div>')
-    return "\n".join(lines)
+            alpha = max(0.0, min(1.0, act / scale)) if scale > 0 and not math.isnan(act) else 0.0
+            spans.append({"cls": "tok top" if p == pos else "tok", "text": strings[p], "alpha": alpha,
+                          "act": None if math.isnan(act) else act})
+        out.append({"value": value, "where": where, "tokens": spans})
+    return out
 
 
-def _histogram_html(tops: TopActivations, feature: int, div_id: str) -> str:
+def _histogram(tops: TopActivations, feature: int, div_id: str) -> Markup | None:
     import plotly.graph_objects as go
 
     i = tops.index_of(feature)
     values = tops.sample[i]
     if not values.numel():
-        return '<p class="note">No non-zero activations.</p>'
+        return None
     shown = "all" if values.numel() == int(tops.count[i]) else f"a uniform sample of {values.numel():,} of"
     fig = figure(go.Histogram(x=values.tolist(), nbinsx=50, marker_color="#e66101"))
     fig.update_layout(template="plotly_white", height=300, margin=dict(l=50, r=20, t=40, b=40),
                       title=f"non-zero activations ({shown} {int(tops.count[i]):,})",
                       xaxis_title="activation", yaxis_title="tokens")
-    return fig.to_html(include_plotlyjs=False, full_html=False, div_id=div_id)
-
-
-def _logits_html(model: Any, dictionary: Dictionary, feature: int, k: int, effects: Effects | None = None) -> str:
-    effects = effects if effects is not None else logit_effects(model, dictionary, feature, k)
-    if effects is None:
-        return (f'<p class="note">The dictionary writes width {dictionary.d_out}, not the residual stream\'s '
-                f'{model.cfg.d_model}: no logit effects.</p>')
-    tables = []
-    for label, rows in (("raises", effects[0]), ("lowers", effects[1])):
-        body = "".join(f'<tr><td class="token">{_tok(s)}</td><td class="num">{v:+.4g}</td></tr>' for _, s, v in rows)
-        tables.append(f"<table><tr><th>{label}</th><th>effect</th></tr>{body}</table>")
-    kind = (dictionary.writes or "").split(".", 2)[-1] if (dictionary.writes or "").startswith("blocks.") \
-        else (dictionary.writes or "")
-    caveat = "" if kind in RESIDUAL_KINDS else (
-        f" {_esc(dictionary.writes)} is not added to the residual stream as it is: read these with care.")
-    return ("".join(tables) + '<p class="note">W_dec[f] · (1 + final_norm.weight) projected on the unembedding; the '
-            "final norm's data-dependent scale (1 / rms of the residual) is left out: it scales every token's "
-            f"effect alike.{caveat}</p>")
+    return trusted(fig.to_html(include_plotlyjs=False, full_html=False, div_id=div_id))
 
 
 def _page(model: Any, dictionary: Dictionary, feature: int, tops: TopActivations, tokens: _Tokens, *, k_logits: int,
           plotlyjs: str, index_link: bool = False, effects: Effects | None = None) -> str:
+    from plotly.offline import get_plotlyjs
+
+    d = dictionary
     i = tops.index_of(feature)
-    freq = tops.frequency(feature)
     count = int(tops.count[i])
-    mean = float(tops.total[i]) / count if count else 0.0
-    site = dictionary.site if not (dictionary.site_out and dictionary.site_out != dictionary.site) else \
-        f"{dictionary.site} -> {dictionary.site_out}"
-    summary = (f"{_esc(site)} · fires on {count:,} of {tops.n_tokens:,} tokens ({freq:.4%}) · "
-               f"max {float(tops.max[i]):.4g} · mean when firing {mean:.4g}")
-    back = '<p><a href="index.html">&larr; all features</a></p>' if index_link else ""
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>Feature {int(feature)} · {_esc(site)}</title>
-<style>{STYLE}</style>
-{_plotly_tag(plotlyjs)}
-</head><body>
-{back}<h1>Feature {int(feature)}</h1>
-<p class="summary">{summary}</p>
-<h2>Top activations</h2>
-<div class="contexts">
-{_contexts_html(tops, feature, tokens)}
-</div>
-<h2>Activation histogram</h2>
-{_histogram_html(tops, feature, f"hist-{int(feature)}")}
-<h2>Logit effects</h2>
-<div class="logits">{_logits_html(model, dictionary, feature, k_logits, effects)}</div>
-</body></html>
-"""
+    effects = effects if effects is not None else logit_effects(model, d, feature, k_logits)
+    writes = d.writes or ""
+    kind = writes.split(".", 2)[-1] if writes.startswith("blocks.") else writes
+    site = d.site if not (d.site_out and d.site_out != d.site) else f"{d.site} -> {d.site_out}"
+    return render(FEATURE_PAGE, feature=int(feature), site=site, style=trusted(STYLE), plotlyjs=plotlyjs,
+                  plotly_library=trusted(get_plotlyjs()) if plotlyjs == "inline" else "", index_link=index_link,
+                  count=count, n_tokens=tops.n_tokens, frequency=tops.frequency(feature), max=float(tops.max[i]),
+                  mean=float(tops.total[i]) / count if count else 0.0, contexts=_contexts(tops, feature, tokens),
+                  histogram=_histogram(tops, feature, f"hist-{int(feature)}"),
+                  effects=None if effects is None else [("raises", effects[0]), ("lowers", effects[1])],
+                  d_out=d.d_out, d_model=model.cfg.d_model, caveat="" if kind in RESIDUAL_KINDS else writes)
 
 
 class Page(str):
@@ -258,7 +260,6 @@ def feature_index(model: Any, dictionary: Dictionary, store: Any, features: Iter
     tokens = _Tokens(model, store, tokenizer)
     (out / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
     entries = []
-    rows_html = []
     effects = logit_effects_of(model, d, tops.features.tolist(), k_logits)
     for f in tops.features.tolist():
         i = tops.index_of(f)
@@ -269,26 +270,11 @@ def feature_index(model: Any, dictionary: Dictionary, store: Any, features: Iter
         entries.append({"feature": f, "page": page_name(f), "count": int(tops.count[i]),
                         "frequency": tops.frequency(f), "max": float(tops.max[i]),
                         "top_tokens": [t for t, _ in common], "top": [list(t) for t in top]})
-        tok_cells = " ".join(f'<span class="tok">{_tok(t)}</span>' for t, _ in common)
-        rows_html.append(f'<tr><td><a href="{page_name(f)}">{f}</a></td><td class="num">{tops.frequency(f):.4%}</td>'
-                         f'<td class="num">{int(tops.count[i]):,}</td><td class="num">{float(tops.max[i]):.4g}</td>'
-                         f'<td class="token">{tok_cells}</td></tr>')
     site_name = tops.site
     (out / "index.json").write_text(json.dumps({"site": site_name, "n_tokens": tops.n_tokens, "k": k,
                                                 "features": entries}, indent=1), encoding="utf-8")
-    index = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>Features · {_esc(site_name)}</title>
-<style>{STYLE}</style>
-</head><body>
-<h1>{len(entries):,} features of {_esc(type(d).__name__)} ({d.d_sae:,} features) at {_esc(site_name)}</h1>
-<p class="summary">{tops.n_tokens:,} tokens scanned.</p>
-<table>
-<tr><th>feature</th><th>frequency</th><th>tokens</th><th>max</th><th>top tokens</th></tr>
-{chr(10).join(rows_html)}
-</table>
-</body></html>
-"""
+    index = render(INDEX_PAGE, site=site_name, style=trusted(STYLE), entries=entries, kind=type(d).__name__,
+                   d_sae=d.d_sae, n_tokens=tops.n_tokens)
     (out / "index.html").write_text(index, encoding="utf-8")
     return out
 

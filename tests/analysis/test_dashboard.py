@@ -356,14 +356,7 @@ def test_chromium_shows_the_token_as_text(model, store, tmp_path):
         pytest.skip("no chromium on this machine (apt-get install chromium); CI installs it")
     path = tmp_path / "feature.html"
     feature_dashboard(model, planted(model), 0, store, k=5, path=path, progress=False)
-    try:
-        proc = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                               "--virtual-time-budget=10000", "--dump-dom", path.as_uri()], capture_output=True,
-                              text=True, timeout=90)
-    except subprocess.TimeoutExpired:
-        pytest.fail("Chromium did not finish rendering the page (a script on it, e.g. an alert(), blocked it)")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    dom = proc.stdout
+    dom = _dump_dom(path, tmp_path)
     assert 'class="main-svg"' in dom, "plotly did not draw the histogram (offline plotly.js not run)"
     seen = _Visible()
     seen.feed(dom)
@@ -371,6 +364,24 @@ def test_chromium_shows_the_token_as_text(model, store, tmp_path):
     assert visible.count(SCRIPT) >= 5, visible[:2000]
     assert not any("alert(1)" in s for s in seen.scripts)
     assert "Feature 0" in visible and "Top activations" in visible
+    # the index of a folder of pages: the same token in the top-tokens column, as text
+    folder = feature_index(model, planted(model), store, [0, 1], tmp_path / "pages", k=3, progress=False)
+    seen = _Visible()
+    seen.feed(_dump_dom(folder / "index.html", tmp_path))
+    visible = "".join(seen.text)
+    assert SCRIPT in visible and "2 features of JumpReLUSAE" in visible
+    assert not any("alert(1)" in s for s in seen.scripts)
+
+
+def _dump_dom(path, tmp_path) -> str:
+    try:
+        proc = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                               "--virtual-time-budget=10000", "--dump-dom", path.as_uri()], capture_output=True,
+                              text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("Chromium did not finish rendering the page (a script on it, e.g. an alert(), blocked it)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
 
 
 def test_logit_effects_of_many_features_equal_one_at_a_time(model):
