@@ -49,6 +49,7 @@ from typing import Any
 
 from .metrics import Metric
 from .model import Gemma3
+from .model.sites import block_site
 from .patching import PatchingResult, check_sites, make_result, prepare_pair, site_of
 
 METHODS = ("atp", "ig", "atp*")
@@ -84,8 +85,8 @@ def _estimate(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callable
     sites = sorted({site_of(k) for k in kinds})
     if method == "atp*":
         sites = sorted(set(sites) | set(atp_star.NEEDED_SITES))
-    names = [f"blocks.*.{s}" for s in sites] + (["embed"] if method == "ig" else [])
-    grad_names = [f"blocks.{layer}.{s}" for s in sites for layer in range(n_layers)]
+    names = [block_site("*", s) for s in sites] + (["embed"] if method == "ig" else [])
+    grad_names = [block_site(layer, s) for s in sites for layer in range(n_layers)]
     plain = not graddrop and method != "ig"
     pair = prepare_pair(model, clean, corrupt, metric, names, names, corrupt_grads=plain)
     if plain:

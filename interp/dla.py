@@ -34,6 +34,7 @@ from .hooks import resolve_position
 from .model import Gemma3
 from .model.finite import check_finite
 from .model.layers import rms_factor
+from .model.sites import block_site
 from .plots import bars, escape_token, heatmap
 from .tokens import Target, Top, layer_labels, single_prompt, str_tokens, token_id, top_entries
 
@@ -153,8 +154,8 @@ def direct_logit_attribution(model: Gemma3, prompt: Any, target: Target, baselin
     b_id = token_id(model, baseline) if baseline is not None else None
 
     last = cfg.n_layers - 1
-    names = ["embed", f"blocks.{last}.resid_post"] + [
-        f"blocks.*.{s}" for s in ("attn.z", "attn.out", "post_attn_norm", "mlp.hidden", "mlp.out", "post_mlp_norm")]
+    names = ["embed", block_site(last, "resid_post")] + [
+        block_site("*", s) for s in ("attn.z", "attn.out", "post_attn_norm", "mlp.hidden", "mlp.out", "post_mlp_norm")]
     logits, cache = model.run_with_cache(ids, names=names, positions=[pos], logits_at=[pos])
     row = logits[0, -1].float()
     check_finite(row, "direct_logit_attribution: the logits",
@@ -166,18 +167,18 @@ def direct_logit_attribution(model: Gemma3, prompt: Any, target: Target, baselin
 
     w_u = model.embed.weight
     direction = w_u[t_id].float() - (w_u[b_id].float() if b_id is not None else 0.0)
-    u = direction * (1.0 + model.final_norm.weight.float()) * rms_factor(at(f"blocks.{last}.resid_post"), cfg.eps)
+    u = direction * (1.0 + model.final_norm.weight.float()) * rms_factor(at(block_site(last, "resid_post")), cfg.eps)
 
     values = [u @ at("embed")]
     heads, neurons = [], []
     for i in range(cfg.n_layers):
         block = model.block(i)
-        values += [u @ at(f"blocks.{i}.post_attn_norm"), u @ at(f"blocks.{i}.post_mlp_norm")]
-        u_attn = u * (1.0 + block.post_attn_norm.weight.float()) * rms_factor(at(f"blocks.{i}.attn.out"), cfg.eps)
+        values += [u @ at(block_site(i, "post_attn_norm")), u @ at(block_site(i, "post_mlp_norm"))]
+        u_attn = u * (1.0 + block.post_attn_norm.weight.float()) * rms_factor(at(block_site(i, "attn.out")), cfg.eps)
         w_o = block.attn.o_proj.weight.float().view(cfg.d_model, cfg.n_heads, cfg.d_head)
-        heads.append(einsum(u_attn, w_o, at(f"blocks.{i}.attn.z"), "d, d h e, h e -> h"))
-        u_mlp = u * (1.0 + block.post_mlp_norm.weight.float()) * rms_factor(at(f"blocks.{i}.mlp.out"), cfg.eps)
-        neurons.append((u_mlp @ block.mlp.down_proj.weight.float()) * at(f"blocks.{i}.mlp.hidden"))
+        heads.append(einsum(u_attn, w_o, at(block_site(i, "attn.z")), "d, d h e, h e -> h"))
+        u_mlp = u * (1.0 + block.post_mlp_norm.weight.float()) * rms_factor(at(block_site(i, "mlp.out")), cfg.eps)
+        neurons.append((u_mlp @ block.mlp.down_proj.weight.float()) * at(block_site(i, "mlp.hidden")))
 
     labels = ["embed"] + [f"L{i} {part}" for i in range(cfg.n_layers) for part in ("attn", "mlp")]
     t_tok, = str_tokens(model, [t_id])

@@ -30,6 +30,7 @@ import plotly.graph_objects as go
 import torch
 
 from .hooks import partial_run, resolve_position, sorted_positions
+from .model.config import GLOBAL
 from .model.finite import check_finite
 from .model.runs import available_memory
 from .plots import escape_token, heatmap, line
@@ -107,7 +108,7 @@ class LensResult:
         for r, _label in enumerate(self.labels):
             stage = "the embedding" if r == 0 else (
                 f"after layer {r - 1} "
-                f"({'global' if self.layer_types[r - 1] == 'full_attention' else 'sliding-window'} attention)")
+                f"({'global' if self.layer_types[r - 1] == GLOBAL else 'sliding-window'} attention)")
             hover.append([f"{stage}\ntop {k}:\n" + "\n".join(
                 f"{repr(t)} {float(p):.3g}" for t, p in zip(self.top_tokens[r][c], self.top_probs[r, c]))
                 for c in range(len(self.positions))])

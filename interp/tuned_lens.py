@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .hooks import NonFiniteError, partial_run
+from .model.sites import block_site
 from .plots import escape_token, line
 from .progress import progress_bar
 from .tokens import layer_labels
@@ -312,7 +313,7 @@ def _check_store(model: Any, store: Any, site_kind: str) -> list[str]:
 
     if not isinstance(store, ActivationStore):
         raise TunedLensError(f"a tuned lens is fitted on an ActivationStore, got {type(store).__name__}")
-    sites = [f"blocks.{i}.{site_kind}" for i in range(model.cfg.n_layers)]
+    sites = [block_site(i, site_kind) for i in range(model.cfg.n_layers)]
     missing = [s for s in sites if s not in store.sites]
     if missing:
         raise TunedLensError(f"the store lacks {missing[:3]}{'...' if len(missing) > 3 else ''}: a tuned lens needs "
@@ -351,11 +352,11 @@ def _aligned_batches(store: Any, sites: Sequence[str], batch_size: int, seed: in
 
 def _text_batches(model: Any, texts: Sequence[str], site_kind: str) -> Iterator[list[torch.Tensor]]:
     """Every position of each text: the residual after each layer, ``[seq, d]`` per layer."""
-    names = f"blocks.*.{site_kind}"
+    names = block_site("*", site_kind)
     for text in texts:
         with partial_run():  # no logits needed: stop after the last layer
             _, cache = model.run_with_cache(text, names=names, dtype=torch.float32, stop_at_layer=model.cfg.n_layers)
-        yield [cache[f"blocks.{i}.{site_kind}"][0] for i in range(model.cfg.n_layers)]
+        yield [cache[block_site(i, site_kind)][0] for i in range(model.cfg.n_layers)]
 
 
 __all__ = ["TunedLens", "TunedLensError", "LensKL"]

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from ..hooks import ActivationCache
-from .sites import LAYER_FORMAT
+from .sites import LAYER_FORMAT, block_site
 
 
 class Gemma3Cache(ActivationCache):
@@ -39,7 +39,7 @@ class Gemma3Cache(ActivationCache):
         n = len(self.layers("post_attn_norm")) if layer is None else layer
         labels = ["embed"]
         for i in range(n):
-            labels += [f"blocks.{i}.post_attn_norm", f"blocks.{i}.post_mlp_norm"]
+            labels += [block_site(i, "post_attn_norm"), block_site(i, "post_mlp_norm")]
         return torch.stack([self[name] for name in labels]), labels
 
     def accumulated_resid(self) -> tuple[torch.Tensor, list[str]]:
@@ -50,7 +50,7 @@ class Gemma3Cache(ActivationCache):
         >>> c.accumulated_resid()[0].shape
         torch.Size([2, 1, 2, 4])
         """
-        labels = ["blocks.0.resid_pre"] + [f"blocks.{i}.resid_post" for i in self.layers("resid_post")]
+        labels = [block_site(0, "resid_pre")] + [block_site(i, "resid_post") for i in self.layers("resid_post")]
         return torch.stack([self[name] for name in labels]), labels
 
 

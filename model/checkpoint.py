@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .config import Gemma3Config
+from .sites import LAYER_FORMAT
 
 
 class CheckpointError(ValueError):
@@ -102,7 +103,7 @@ def our_name(hf_name: str) -> str | None:
         return "final_norm.weight"
     m = _HF_LAYER.match(name)
     if m and m.group(2) in _HF_PARTS:
-        return f"blocks.{m.group(1)}.{_HF_PARTS[m.group(2)]}"
+        return LAYER_FORMAT.format(layer=m.group(1)) + _HF_PARTS[m.group(2)]  # parameter names share the prefix
     return hf_name  # unknown: reported as unexpected
 
 
@@ -119,7 +120,7 @@ def expected_shapes(cfg: Gemma3Config) -> dict[str, tuple[int, ...]]:
     }
     out: dict[str, tuple[int, ...]] = {"embed.weight": (cfg.vocab_size, d)}
     for i in range(cfg.n_layers):
-        out.update({f"blocks.{i}.{k}": v for k, v in per_layer.items()})
+        out.update({LAYER_FORMAT.format(layer=i) + k: v for k, v in per_layer.items()})
     out["final_norm.weight"] = (d,)
     return out
 

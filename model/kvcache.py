@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import GLOBAL, Gemma3Config
+from .sites import block_site
 
 if TYPE_CHECKING:
     from ..hooks import ActivationCache
@@ -115,7 +116,7 @@ class KVCache:
         """A frozen prefix: the first ``length`` tokens of a run's cache of ``blocks.*.attn.k_rot``
         and ``blocks.*.attn.v`` (the layers given, default every cached one)."""
         layers = cache.layers("attn.k_rot") if layers is None else list(layers)
-        stores = {i: _Store(cache[f"blocks.{i}.attn.k_rot"][:, :length], cache[f"blocks.{i}.attn.v"][:, :length],
+        stores = {i: _Store(cache[block_site(i, "attn.k_rot")][:, :length], cache[block_site(i, "attn.v")][:, :length],
                             length, None, False) for i in layers}
         return cls(stores, length, cfg.window, tuple(cfg.layer_types), key_mask)
 

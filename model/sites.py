@@ -106,6 +106,33 @@ def kind_of(name: str) -> SiteKind:
     return BY_KIND[kind]
 
 
+def block_site(layer: int | str, kind: str) -> str:
+    """The name of the per-layer site ``kind`` at ``layer`` (``"*"``: the glob of every layer). The
+    one way code outside this table builds a layer's site name; an unknown kind is an error here.
+
+    >>> block_site(3, "attn.z"), block_site("*", "resid_post")
+    ('blocks.3.attn.z', 'blocks.*.resid_post')
+    """
+    site = BY_KIND.get(kind)
+    if site is None or not site.per_layer:
+        raise KeyError(f"{kind!r} is not a per-layer site kind; the kinds are {', '.join(BLOCK_KINDS)}")
+    return LAYER_FORMAT.format(layer=layer) + kind
+
+
+def split_site(name: str) -> tuple[int | None, str]:
+    """``(layer, kind)`` of a site name (``(None, name)`` outside the layers): the inverse of :func:`block_site`.
+
+    >>> split_site("blocks.12.mlp.out"), split_site("logits")
+    ((12, 'mlp.out'), (None, 'logits'))
+    """
+    prefix = LAYER_FORMAT.split("{", 1)[0]
+    if name.startswith(prefix):
+        layer, _, kind = name[len(prefix):].partition(".")
+        if layer.isdigit():
+            return int(layer), kind
+    return None, name
+
+
 def site_names(cfg: Gemma3Config) -> list[str]:
     """Every site name of a model with this configuration, in the order they fire.
 
@@ -173,4 +200,5 @@ def markdown_table() -> str:
 
 
 __all__ = ["SiteKind", "SITES", "BY_KIND", "BLOCK_KINDS", "EXPLICIT_KINDS", "HEAVY_KINDS", "LAYER_FORMAT",
-           "kind_of", "site_names", "hf_aliases", "site_info", "site_shape", "markdown_table"]
+           "kind_of", "block_site", "split_site", "site_names", "hf_aliases", "site_info", "site_shape",
+           "markdown_table"]

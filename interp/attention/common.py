@@ -10,6 +10,7 @@ import torch
 from ..hooks import HookSpec, partial_run
 from ..model import Gemma3
 from ..model.finite import check_finite
+from ..model.sites import block_site
 
 GEMMA3_LAST_NORMAL_ID = 255_967  # Gemma 3 tokenizer: later ids are tab runs, image and <unused> tokens
 MAX_HOVER_TOKENS = 200  # per-cell hover text only up to this many tokens (s^2 strings per head)
@@ -89,7 +90,7 @@ def patterns_of(model: Gemma3, tokens: torch.Tensor, layers: list[int],
                 hooks: HookSpec = None) -> dict[int, torch.Tensor]:
     """``{layer: pattern [b, h, s, s]}``; runs only up to the last requested layer (hooks of
     enclosing scopes on later layers are not needed for these patterns and do not fire)."""
-    names = [f"blocks.{i}.attn.pattern" for i in layers]
+    names = [block_site(i, "attn.pattern") for i in layers]
 
     def run() -> Any:
         with partial_run():
@@ -97,8 +98,8 @@ def patterns_of(model: Gemma3, tokens: torch.Tensor, layers: list[int],
 
     cache = run()
     for i in layers:
-        check_finite(cache[f"blocks.{i}.attn.pattern"], f"the attention pattern of layer {i}", run)
-    return {i: cache[f"blocks.{i}.attn.pattern"] for i in layers}
+        check_finite(cache[block_site(i, "attn.pattern")], f"the attention pattern of layer {i}", run)
+    return {i: cache[block_site(i, "attn.pattern")] for i in layers}
 
 
 def layer_label(cfg: Any, layer: int) -> str:

@@ -11,6 +11,7 @@ import torch
 from ..hooks import HookSpec, hook_pairs, zero_ablate
 from ..model import Gemma3
 from ..model.finite import check_finite
+from ..model.sites import block_site
 from ..plots import line
 from ..tokens import Top
 from .common import repeated_random_tokens
@@ -76,7 +77,7 @@ def ablate_heads_hooks(model: Gemma3, heads: Sequence[tuple[int, int] | Top]) ->
         if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
             raise IndexError(f"head ({layer}, {head}) is outside {cfg.n_layers} layers x {cfg.n_heads} heads")
         by_layer.setdefault(layer, []).append(head)
-    return [(f"blocks.{layer}.attn.z", zero_ablate(heads=hs)) for layer, hs in sorted(by_layer.items())]
+    return [(block_site(layer, "attn.z"), zero_ablate(heads=hs)) for layer, hs in sorted(by_layer.items())]
 
 
 @torch.no_grad()

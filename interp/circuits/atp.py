@@ -31,6 +31,7 @@ import torch
 
 from ..model import Gemma3
 from ..model.layers import Block
+from ..model.sites import block_site
 from ..patching import PromptPair, site_of
 from ..patching.experiments import default_max_bytes, row_bytes
 
@@ -75,8 +76,8 @@ def grad_rows(model: Gemma3, pair: PromptPair, inputs: torch.Tensor, names: Sequ
             part = list(drop[start:start + cap])
             for layer in sorted({d for d in part if d is not None}):
                 mask = torch.tensor([d != layer for d in part], device=model.device)
-                hooks[f"blocks.{layer}.post_attn_norm"] = _zero_rows(mask)
-                hooks[f"blocks.{layer}.post_mlp_norm"] = _zero_rows(mask)
+                hooks[block_site(layer, "post_attn_norm")] = _zero_rows(mask)
+                hooks[block_site(layer, "post_mlp_norm")] = _zero_rows(mask)
         with model.backward_hooks(hooks):
             _, _, grads = model.run_with_grads(chunk, lambda o: values(o).sum(), list(names), **kwargs)
         for n in names:
@@ -124,7 +125,7 @@ def linear_estimates(model: Gemma3, pair: PromptPair, kinds: Sequence[str],
         site = site_of(kind)
         per_layer = []
         for layer in range(model.cfg.n_layers):
-            name = f"blocks.{layer}.{site}"
+            name = block_site(layer, site)
             delta = pair.clean_cache[name][0].float() - pair.corrupt_cache[name][0].float()
             prod = delta[None] * grads[name].float()  # [R, seq, (heads,) d]
             per_pos = prod.sum(-1)

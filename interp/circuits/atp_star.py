@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..model import Gemma3
 from ..model.config import GLOBAL
 from ..model.layers import Block, rope_tables, rotate_half
+from ..model.sites import block_site
 from ..patching import PromptPair
 from ..patching.experiments import default_max_bytes
 from .atp import layer_block, linear_estimates
@@ -106,7 +107,7 @@ def _cell_deltas(model: Gemma3, pair: PromptPair, kind: str, layer: int, end: in
     block = layer_block(model, layer)
 
     def get(cache: object, site: str) -> torch.Tensor:
-        return cache[f"blocks.{layer}.{site}"][0, :end]  # type: ignore[index]
+        return cache[block_site(layer, site)][0, :end]  # type: ignore[index]
 
     pos = torch.arange(end, device=model.device)
     if kind == "resid_pre":
@@ -139,10 +140,10 @@ def _estimates(model: Gemma3, pair: PromptPair, a: int, dr: torch.Tensor, positi
                grads: dict[str, torch.Tensor], end: int, max_bytes: int | None) -> torch.Tensor:
     """``[R, B]``: ``dr . g(resid_mid_a) + (z' - z) . g(attn.z_a)`` per cell, z' recomputed exactly."""
     cfg = model.cfg
-    pre = pair.corrupt_cache[f"blocks.{a}.resid_pre"][:, :end]  # [1, end, d]
+    pre = pair.corrupt_cache[block_site(a, "resid_pre")][:, :end]  # [1, end, d]
     pos = torch.arange(end, device=model.device)[None]
-    g_mid = grads[f"blocks.{a}.resid_mid"][:, :end].float()  # [R, end, d]
-    g_z = grads[f"blocks.{a}.attn.z"][:, :end].float()  # [R, end, heads, hd]
+    g_mid = grads[block_site(a, "resid_mid")][:, :end].float()  # [R, end, d]
+    g_z = grads[block_site(a, "attn.z")][:, :end].float()  # [R, end, heads, hd]
     with torch.no_grad():
         q0, k0, v0 = _qkv(model, a, pre, pos)
         z0 = _attend(model, a, q0, k0, v0)

@@ -45,6 +45,7 @@ import torch
 from ..metrics import Metric
 from ..model import Gemma3
 from ..model.layers import RMSNorm, rms_factor
+from ..model.sites import block_site
 from ..patching import prepare_pair
 from ..plots import escape_text, heatmap
 from ..tokens import Top, top_entries
@@ -120,7 +121,7 @@ def edge_attribution_patch(model: Gemma3, clean: Any, corrupt: Any, metric: Metr
     """
     cfg = model.cfg
     n, heads, kv, hd = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-    last = f"blocks.{n - 1}.resid_post"
+    last = block_site(n - 1, "resid_post")
     clean_names = ["embed", "blocks.*.attn.z", "blocks.*.post_mlp_norm"]
     corrupt_names = clean_names + ["blocks.*.attn.out", "blocks.*.resid_pre", "blocks.*.resid_mid", "blocks.*.attn.q",
                                    "blocks.*.attn.k", "blocks.*.attn.v", "blocks.*.pre_mlp_norm", last]
@@ -136,24 +137,24 @@ def edge_attribution_patch(model: Gemma3, clean: Any, corrupt: Any, metric: Metr
     with torch.no_grad():
         for layer in range(n):
             block = layer_block(model, layer)
-            pre = f"blocks.{layer}."
             w_o = block.attn.o_proj.weight.float().view(cfg.d_model, heads, hd)
-            dz = at(c, pre + "attn.z") - at(k, pre + "attn.z")  # [end, heads, hd]
+            dz = at(c, block_site(layer, "attn.z")) - at(k, block_site(layer, "attn.z"))  # [end, heads, hd]
             per_head = torch.einsum("phe,dhe->hpd", dz, w_o)
-            out += list(norm_jvp(block.post_attn_norm, at(k, pre + "attn.out"), per_head))
-            out.append(at(c, pre + "post_mlp_norm") - at(k, pre + "post_mlp_norm"))
+            out += list(norm_jvp(block.post_attn_norm, at(k, block_site(layer, "attn.out")), per_head))
+            out.append(at(c, block_site(layer, "post_mlp_norm")) - at(k, block_site(layer, "post_mlp_norm")))
             senders += [f"L{layer}H{h}" for h in range(heads)] + [f"L{layer}.mlp"]
             s_time += [2 * layer] * heads + [2 * layer + 1]
-            resid = at(k, pre + "resid_pre")
+            resid = at(k, block_site(layer, "resid_pre"))
             for site, proj, count, tag in (("attn.q", block.attn.q_proj, heads, "H{}.q"),
                                            ("attn.k", block.attn.k_proj, kv, "KV{}.k"),
                                            ("attn.v", block.attn.v_proj, kv, "KV{}.v")):
                 w = proj.weight.float().view(count, hd, cfg.d_model)
-                g_in = torch.einsum("phe,hed->hpd", g[pre + site][0, :end].float(), w)
+                g_in = torch.einsum("phe,hed->hpd", g[block_site(layer, site)][0, :end].float(), w)
                 grads += list(norm_vjp(block.input_norm, resid, g_in))
                 receivers += [f"L{layer}" + tag.format(i) for i in range(count)]
                 r_time += [2 * layer] * count
-            grads.append(norm_vjp(block.pre_mlp_norm, at(k, pre + "resid_mid"), g[pre + "pre_mlp_norm"][0, :end]))
+            g_mlp = g[block_site(layer, "pre_mlp_norm")][0, :end]
+            grads.append(norm_vjp(block.pre_mlp_norm, at(k, block_site(layer, "resid_mid")), g_mlp))
             receivers.append(f"L{layer}.mlp")
             r_time.append(2 * layer + 1)
         grads.append(g[last][0, :end].float())

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..hooks import UnknownSiteError
 from ..model import Gemma3
-from ..model.sites import kind_of
+from ..model.sites import LAYER_FORMAT, block_site, kind_of
 from ..tokens import Top
 
 RECEIVER_FORMS = ('"logits" / "resid_final" (the final residual), ("blocks.L.attn.q", head), '
@@ -84,8 +84,8 @@ def _receiver(model: Gemma3, spec: Any) -> Receiver:
     if kind == "mlp":
         if head is not None:
             raise ValueError(f"an MLP receiver takes no head: use 'blocks.{layer}.mlp', not {spec!r}")
-        return Receiver("mlp", layer, None, f"blocks.{layer}.mlp (input)", 2 * layer + 1)
-    site_name = f"blocks.{layer}.attn.{kind}"
+        return Receiver("mlp", layer, None, f"{LAYER_FORMAT.format(layer=layer)}mlp (input)", 2 * layer + 1)
+    site_name = block_site(layer, f"attn.{kind}")
     if head is None:
         return Receiver(kind, layer, None, f"{site_name} (all heads)", 2 * layer)
     count = cfg.n_heads if kind == "q" else cfg.n_kv_heads
@@ -125,7 +125,7 @@ def _sender(model: Gemma3, item: Any) -> Sender:
     layer, head = int(pair[0]), int(pair[1])
     if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
         raise IndexError(f"head ({layer}, {head}) is outside {cfg.n_layers} layers x {cfg.n_heads} heads")
-    return Sender("head", layer, head, f"blocks.{layer}.attn.z head {head}")
+    return Sender("head", layer, head, f"{block_site(layer, 'attn.z')} head {head}")
 
 
 def parse_senders(model: Gemma3, senders: Any, first_read: int) -> tuple[list[Sender], bool]:

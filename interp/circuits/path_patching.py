@@ -60,6 +60,7 @@ import torch
 from ..hooks import NonFiniteError, partial_run
 from ..metrics import Metric
 from ..model import Gemma3
+from ..model.sites import block_site
 from ..patching import prepare_pair
 from ..patching.experiments import default_max_bytes, row_bytes
 from ..progress import progress_bar
@@ -90,19 +91,21 @@ def _deltas(model: Gemma3, pair: Any, chunk: Sequence[Sender], end: int) -> torc
     for i, s in enumerate(chunk):
         groups.setdefault((s.kind, s.layer), []).append(i)
     for (kind, layer), idx in groups.items():
-        block, pre = layer_block(model, layer), f"blocks.{layer}."
+        block = layer_block(model, layer)
         if kind == "head":
-            zk = k[pre + "attn.z"][:, :end]
+            zk = k[block_site(layer, "attn.z")][:, :end]
             z = zk.expand(len(idx), -1, -1, -1).clone()
             heads = torch.tensor([chunk[i].head for i in idx], device=z.device)
             rows = torch.arange(len(idx), device=z.device)
-            z[rows, :, heads] = c[pre + "attn.z"][0, :end][:, heads].transpose(0, 1).to(z.dtype)
+            z[rows, :, heads] = c[block_site(layer, "attn.z")][0, :end][:, heads].transpose(0, 1).to(z.dtype)
             new = block.post_attn_norm(block.attn.o_proj(z.reshape(len(idx), end, -1)))
-            base = k[pre + "post_attn_norm"][:, :end]
+            base = k[block_site(layer, "post_attn_norm")][:, :end]
         elif kind == "attn":
-            new, base = block.post_attn_norm(c[pre + "attn.out"][:, :end]), k[pre + "post_attn_norm"][:, :end]
+            new = block.post_attn_norm(c[block_site(layer, "attn.out")][:, :end])
+            base = k[block_site(layer, "post_attn_norm")][:, :end]
         else:
-            new, base = block.post_mlp_norm(c[pre + "mlp.out"][:, :end]), k[pre + "post_mlp_norm"][:, :end]
+            new = block.post_mlp_norm(c[block_site(layer, "mlp.out")][:, :end])
+            base = k[block_site(layer, "post_mlp_norm")][:, :end]
         out[idx] = (new - base).to(model.dtype)
     return out
 
@@ -127,13 +130,13 @@ def _receiver_hooks(model: Gemma3, pair: Any, receivers: Sequence[Receiver], del
     for (layer, kind), heads in sorted(sites.items()):
         block, b = layer_block(model, layer), delta.shape[0]
         if kind == "mlp":
-            values = block.pre_mlp_norm(k[f"blocks.{layer}.resid_mid"][:, :end] + delta)
-            hooks.append((f"blocks.{layer}.pre_mlp_norm", _SetHeads(values, None)))
+            values = block.pre_mlp_norm(k[block_site(layer, "resid_mid")][:, :end] + delta)
+            hooks.append((block_site(layer, "pre_mlp_norm"), _SetHeads(values, None)))
             continue
-        x = block.input_norm(k[f"blocks.{layer}.resid_pre"][:, :end] + delta)
+        x = block.input_norm(k[block_site(layer, "resid_pre")][:, :end] + delta)
         proj = {"q": block.attn.q_proj, "k": block.attn.k_proj, "v": block.attn.v_proj}[kind]
         values = proj(x).view(b, end, -1, cfg.d_head)
-        hooks.append((f"blocks.{layer}.attn.{kind}", _SetHeads(values, None if heads is None else sorted(heads))))
+        hooks.append((block_site(layer, f"attn.{kind}"), _SetHeads(values, None if heads is None else sorted(heads))))
     return hooks
 
 
@@ -148,13 +151,13 @@ def _receiver_run(model: Gemma3, pair: Any, receivers: Sequence[Receiver], delta
     with partial_run():
         if inside:
             start = min(inside)
-            h = k[f"blocks.{start}.resid_pre"][:, :end].expand(b, -1, -1)
+            h = k[block_site(start, "resid_pre")][:, :end].expand(b, -1, -1)
             with model.hooks(_receiver_hooks(model, pair, receivers, delta, end)):
                 h = model(h, start_at_layer=start, stop_at_layer=n)
             if final:
                 h = h + delta
         else:
-            h = k[f"blocks.{n - 1}.resid_post"][:, :end] + delta
+            h = k[block_site(n - 1, "resid_post")][:, :end] + delta
         if pair.vocab_selected:
             logits = model.unembed(h[:, pair.needed], pair.metric.token_ids)
         else:
@@ -187,7 +190,7 @@ def path_patch(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callabl
     n = model.cfg.n_layers
     clean_names = ["blocks.*.attn.z", "blocks.*.attn.out", "blocks.*.mlp.out"]
     corrupt_names = ["blocks.*.attn.z", "blocks.*.post_attn_norm", "blocks.*.post_mlp_norm", "blocks.*.resid_pre",
-                     "blocks.*.resid_mid", f"blocks.{n - 1}.resid_post"]
+                     "blocks.*.resid_mid", block_site(n - 1, "resid_post")]
     pair = prepare_pair(model, clean, corrupt, metric, clean_names, corrupt_names)
     end = pair.needed[-1] + 1
     cfg = model.cfg

@@ -32,6 +32,7 @@ from ..features.dictionary import Dictionary
 from ..features.io import check_fits
 from ..model import Gemma3
 from ..model.layers import RMSNorm, rms_factor
+from ..model.sites import block_site, split_site
 
 IN_KINDS = ("pre_mlp_norm", "resid_mid")
 OUT_KINDS = ("post_mlp_norm", "mlp.out")
@@ -78,7 +79,7 @@ def _split(model: Gemma3, name: str | None) -> tuple[int | None, str]:
     layer = model.registry.names.layer_of.get(name or "")
     if layer is None:
         return None, name or ""
-    return layer, (name or "").removeprefix(f"blocks.{layer}.")
+    return layer, split_site(name or "")[1]
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Prompt:
 def out_site(layer: int, transcoders: Mapping[int, Dictionary]) -> str:
     """Where layer ``layer``'s MLP output is replaced (its transcoder's ``site_out``, else ``post_mlp_norm``)."""
     tc = transcoders.get(layer)
-    return tc.site_out if tc is not None and tc.site_out else f"blocks.{layer}.post_mlp_norm"
+    return tc.site_out if tc is not None and tc.site_out else block_site(layer, "post_mlp_norm")
 
 
 @torch.no_grad()
@@ -203,22 +204,23 @@ def replacement_hooks(model: Gemma3, prompt: Prompt, transcoders: Mapping[int, D
         return fn
 
     for layer in range(model.cfg.n_layers):
-        b, pre = model.block(layer), f"blocks.{layer}."
+        b = model.block(layer)
         tc = transcoders.get(layer)
         kind_in = None if tc is None else _split(model, tc.site)[1]
         kind_out = _split(model, out_site(layer, transcoders))[1]
-        hooks[pre + "resid_pre"] = capture("pre")
-        hooks[pre + "input_norm"] = linear("pre", b.input_norm)
-        hooks[pre + "attn.pattern"] = lambda x, site: held(site.name, x)
-        hooks[pre + "attn.out"] = capture("attn")
-        hooks[pre + "post_attn_norm"] = linear("attn", b.post_attn_norm)
-        hooks[pre + "resid_mid"] = capture("mid", layer if kind_in == "resid_mid" else None)
-        hooks[pre + "pre_mlp_norm"] = linear("mid", b.pre_mlp_norm, layer if kind_in == "pre_mlp_norm" else None)
+        hooks[block_site(layer, "resid_pre")] = capture("pre")
+        hooks[block_site(layer, "input_norm")] = linear("pre", b.input_norm)
+        hooks[block_site(layer, "attn.pattern")] = lambda x, site: held(site.name, x)
+        hooks[block_site(layer, "attn.out")] = capture("attn")
+        hooks[block_site(layer, "post_attn_norm")] = linear("attn", b.post_attn_norm)
+        hooks[block_site(layer, "resid_mid")] = capture("mid", layer if kind_in == "resid_mid" else None)
+        hooks[block_site(layer, "pre_mlp_norm")] = linear("mid", b.pre_mlp_norm,
+                                                          layer if kind_in == "pre_mlp_norm" else None)
         if kind_out == "mlp.out":
-            hooks[pre + "mlp.out"] = replaced(layer)
-            hooks[pre + "post_mlp_norm"] = linear(f"mlp{layer}", b.post_mlp_norm)
+            hooks[block_site(layer, "mlp.out")] = replaced(layer)
+            hooks[block_site(layer, "post_mlp_norm")] = linear(f"mlp{layer}", b.post_mlp_norm)
         else:
-            hooks[pre + "post_mlp_norm"] = replaced(layer)
+            hooks[block_site(layer, "post_mlp_norm")] = replaced(layer)
     return hooks, trace
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..model import Gemma3
 from ..model.demo import cache_root
+from ..model.sites import block_site
 from .dictionary import Dictionary
 from .io import load_dictionary, save_dictionary
 from .training import train
@@ -62,13 +63,13 @@ def demo_transcoders(model: Gemma3, layers: Sequence[int] | None = None, *, toke
     if not all((p / "cfg.json").is_file() for p in done.values()):
         root.mkdir(parents=True, exist_ok=True)
         (root / "settings.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
-        sites = [f"blocks.{i}.{kind}" for i in chosen for kind in ("pre_mlp_norm", "post_mlp_norm")]
+        sites = [block_site(i, kind) for i in chosen for kind in ("pre_mlp_norm", "post_mlp_norm")]
         store = harvest(model, stdlib_corpus() if corpus is None else corpus, sites, root / "store", context=128,
                         max_tokens=tokens, model_source="demo", progress=progress)
         for i in chosen:
             if (done[i] / "cfg.json").is_file():
                 continue
-            tc = train((store, f"blocks.{i}.pre_mlp_norm", f"blocks.{i}.post_mlp_norm"), "topk", d_sae=d_sae,
+            tc = train((store, block_site(i, "pre_mlp_norm"), block_site(i, "post_mlp_norm")), "topk", d_sae=d_sae,
                        steps=steps, k=k, batch_size=batch_size, lr=lr, seed=seed + i, progress=progress,
                        checkpoint_dir=root / f".train_{i}")
             partial = root / f".layer_{i}.partial"

@@ -19,6 +19,7 @@ import torch
 
 from ..model import Gemma3
 from ..model.runs import available_memory
+from ..model.sites import block_site
 
 if TYPE_CHECKING:
     from .pair import PromptPair
@@ -103,7 +104,7 @@ def effective(pair: PromptPair, e: Experiment) -> Experiment | None:
     last = pair.needed[-1]
     if e.start > last:
         return None
-    name = f"blocks.{e.layer}.{site_of(e.kind)}"
+    name = block_site(e.layer, site_of(e.kind))
     clean, corrupt = pair.clean_cache[name][0], pair.corrupt_cache[name][0]
     if e.all_positions:
         differs = (clean[:last + 1, e.head] != corrupt[:last + 1, e.head]).flatten(1).any(-1)

@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 import torch
 
 from ..display import figure, subplots
+from ..model.sites import block_site
 from ..plots import escape_text, escape_token, heatmap
 from ..tokens import Top, top_entries
 
@@ -62,7 +63,7 @@ class PatchingResult:
     def index_labels(self, index: Sequence[int]) -> str:
         """A readable name for one cell, e.g. ``"blocks.3.resid_pre @ 5 ·Paris"``."""
         parts = dict(zip(self.axes, index))
-        name = f"blocks.{parts['layer']}.{'attn.z' if 'head' in parts else self.site}"
+        name = block_site(parts['layer'], 'attn.z' if 'head' in parts else self.site)
         if "head" in parts:
             name += f" head {parts['head']}"
         if "pos" in parts:

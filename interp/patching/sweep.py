@@ -13,6 +13,7 @@ import torch
 from ..hooks import NonFiniteError, Site, partial_run
 from ..metrics import Metric
 from ..model import Gemma3, KVCache
+from ..model.sites import block_site
 from ..progress import progress_bar
 from .experiments import (
     MERGE_TOKEN_ROWS,
@@ -59,7 +60,7 @@ def _patch_hooks(pair: PromptPair, layer: int, start: int, end: int,
         by_site.setdefault((site_of(e.kind), e.all_positions), []).append((row, e))
     hooks = []
     for (site, every), items in by_site.items():
-        name = f"blocks.{layer}.{site}"
+        name = block_site(layer, site)
         clean = pair.clean_cache[name][0]  # [seq, d] or [seq, heads, hd]
         dev = clean.device
         rows = torch.tensor([r for r, _ in items], device=dev)
@@ -96,7 +97,7 @@ def run_wavefront(model: Gemma3, pair: PromptPair, start: int, experiments: Sequ
             prefix = KVCache.from_cache(rs, start, model.cfg, layers=[layer]) if start > 0 else None
             hooks = _patch_hooks(pair, layer, start, end, joining) if joining else []
             if joining and layer > 0:
-                new = rs[f"blocks.{layer}.resid_pre"][:, start:end].expand(len(joining), -1, -1)
+                new = rs[block_site(layer, "resid_pre")][:, start:end].expand(len(joining), -1, -1)
                 h = new if h is None else torch.cat((h, new), dim=0)
             rows += len(joining)
             with model.hooks(hooks):
@@ -120,7 +121,7 @@ def run_wavefront(model: Gemma3, pair: PromptPair, start: int, experiments: Sequ
 def _sweep(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callable, kinds: list[str],
            batch_size: int | None, max_bytes: int | None, progress: bool) -> dict[str, PatchingResult]:
     cfg = model.cfg
-    clean_names = sorted({f"blocks.*.{site_of(k)}" for k in kinds})
+    clean_names = sorted({block_site("*", site_of(k)) for k in kinds})
     corrupt_names = sorted(set(clean_names) | {"blocks.*.resid_pre", "blocks.*.attn.k_rot", "blocks.*.attn.v"})
     pair = prepare_pair(model, clean, corrupt, metric, clean_names, corrupt_names)
     seq, last = pair.seq, pair.needed[-1]
