@@ -75,19 +75,24 @@ def _tiny_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_gguf(path: Path, cfg: Gemma3Config = GGUF_CFG, *, block_count: int | None = None,
-               context_length: int | None = None, embedding_length: int | None = None,
-               poison: dict[str, float] | None = None, seed: int = 0) -> Path:
-    """A float32 GGUF laid out like llama.cpp's Gemma 3 output (as ``test_gguf.write_tiny_gguf``).
+def write_gguf(path: Path, cfg: Gemma3Config = GGUF_CFG, *, arch: str = "gemma3", scale: float = 0.05,
+               q8_0: tuple[str, ...] = (), block_count: int | None = None, context_length: int | None = None,
+               embedding_length: int | None = None, poison: dict[str, float] | None = None, seed: int = 0,
+               expected: dict[str, np.ndarray] | None = None) -> Path:
+    """A float32 GGUF laid out like llama.cpp's Gemma 3 output (norm weights with the +1 baked in).
 
-    ``block_count``, ``context_length`` and ``embedding_length`` override the metadata only (the
-    tensors still follow ``cfg``); ``poison`` maps a GGUF tensor name to a value written into its
-    first element (NaN, inf).
+    Weights are ``scale`` x standard normal; ``q8_0`` names tensors stored quantized (Q8_0: rows
+    of 32). ``block_count``, ``context_length`` and ``embedding_length`` override the metadata only
+    (the tensors still follow ``cfg``); ``poison`` maps a GGUF tensor name to a value written into
+    its first element (NaN, inf). ``expected``, when given, receives the Hugging Face-named arrays a
+    faithful reader must return (norms without the +1, quantized tensors dequantized).
     """
     import gguf
 
+    from interp.model.gguf import hf_name
+
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "gemma3")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.n_layers if block_count is None else block_count)
     w.add_embedding_length(cfg.d_model if embedding_length is None else embedding_length)
     w.add_feed_forward_length(cfg.d_mlp)
@@ -120,12 +125,19 @@ def write_gguf(path: Path, cfg: Gemma3Config = GGUF_CFG, *, block_count: int | N
             f"blk.{i}.ffn_gate.weight": (F, D), f"blk.{i}.ffn_up.weight": (F, D), f"blk.{i}.ffn_down.weight": (D, F),
         }
     for name, shape in shapes.items():
-        value = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        if name.endswith("norm.weight"):
-            value += np.float32(1.0)  # llama.cpp bakes the +1 in
+        value = (rng.standard_normal(shape) * scale).astype(np.float32)
+        written = value + np.float32(1.0) if name.endswith("norm.weight") else value  # llama.cpp bakes the +1 in
         if poison and name in poison:
-            value.reshape(-1)[0] = np.float32(poison[name])
-        w.add_tensor(name, value)
+            written = written.copy()
+            written.reshape(-1)[0] = np.float32(poison[name])
+        if name in q8_0:
+            q = gguf.quants.quantize(written, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            value = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(shape)
+        else:
+            w.add_tensor(name, written)
+        if expected is not None:
+            expected[hf_name(name)] = value
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

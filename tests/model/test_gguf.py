@@ -6,6 +6,7 @@ import json
 import sys
 
 import gguf  # noqa: E402,F401  (the demo extra; a dev dependency, never skipped)
+import hostile_builders as hb
 import numpy as np
 import pytest
 import torch
@@ -64,69 +65,10 @@ def test_demo_dir_holds_the_same_weights(demo_ckpt, demo_path):
 
 
 # ---------------------------------------------------------------------- synthetic files
-def _tiny_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "  ", "   "]
-    tokens = specials + [f"<0x{b:02X}>" for b in range(256)]
-    types = [3] * 7 + [4, 4] + [6] * 256
-    letters = ["\u2581", "a", "b", "c", "\u2581a", "ab"]
-    tokens += letters + [f"x{i}" for i in range(n - len(tokens) - len(letters))]
-    types += [1] * (n - len(types))
-    scores = [-1000.0] * 9 + [0.0] * 256 + [-float(i) for i in range(n - 265)]
-    return tokens, scores, types
-
-
 def write_tiny_gguf(path, arch: str = "gemma3", cfg: Gemma3Config = TINY, seed: int = 0) -> dict[str, np.ndarray]:
-    """A small GGUF laid out like llama.cpp's Gemma 3 output; returns the HF-named float arrays."""
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.n_layers)
-    w.add_embedding_length(cfg.d_model)
-    w.add_feed_forward_length(cfg.d_mlp)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_key_length(cfg.d_head)
-    w.add_value_length(cfg.d_head)
-    w.add_sliding_window(cfg.window)
-    w.add_rope_freq_base(cfg.rope_global_base)
-    w.add_layer_norm_rms_eps(cfg.eps)
-    w.add_context_length(cfg.max_positions)
-    tokens, scores, types = _tiny_vocab(cfg.vocab_size)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_unk_token_id(3)
-    w.add_pad_token_id(0)
-    D, F, hd = cfg.d_model, cfg.d_mlp, cfg.d_head
-    shapes = {"token_embd.weight": (cfg.vocab_size, D), "output_norm.weight": (D,)}
-    for i in range(cfg.n_layers):
-        shapes |= {
-            f"blk.{i}.attn_norm.weight": (D,), f"blk.{i}.attn_q.weight": (cfg.n_heads * hd, D),
-            f"blk.{i}.attn_k.weight": (cfg.n_kv_heads * hd, D), f"blk.{i}.attn_v.weight": (cfg.n_kv_heads * hd, D),
-            f"blk.{i}.attn_output.weight": (D, cfg.n_heads * hd), f"blk.{i}.attn_q_norm.weight": (hd,),
-            f"blk.{i}.attn_k_norm.weight": (hd,), f"blk.{i}.post_attention_norm.weight": (D,),
-            f"blk.{i}.ffn_norm.weight": (D,), f"blk.{i}.post_ffw_norm.weight": (D,),
-            f"blk.{i}.ffn_gate.weight": (F, D), f"blk.{i}.ffn_up.weight": (F, D), f"blk.{i}.ffn_down.weight": (D, F),
-        }
-    expected = {}
-    for name, shape in shapes.items():
-        value = rng.standard_normal(shape).astype(np.float32)
-        if name.endswith("norm.weight"):
-            expected[hf_name(name)] = value
-            w.add_tensor(name, value + np.float32(1.0))  # llama.cpp bakes the +1 in
-        elif name == "blk.0.ffn_up.weight":  # one quantized tensor: Q8_0 needs rows of 32
-            q = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            expected[hf_name(name)] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(shape)
-        else:
-            w.add_tensor(name, value)
-            expected[hf_name(name)] = value
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    """A small GGUF laid out like llama.cpp's Gemma 3 output, one tensor Q8_0; returns the HF-named arrays."""
+    expected: dict[str, np.ndarray] = {}
+    hb.write_gguf(path, cfg, arch=arch, scale=1.0, q8_0=("blk.0.ffn_up.weight",), seed=seed, expected=expected)
     return expected
 
 
