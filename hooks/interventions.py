@@ -46,14 +46,14 @@ tensor([[[0., 0.],
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import torch
 
-from .positions import positions_mask
+from .positions import Positions, positions_mask
 from .registry import Site
 
-Selector = int | slice | Sequence[int] | torch.Tensor
+Selector = Positions  # an index along any axis (rows, positions, heads, neurons): the forms positions take
 Index = Selector | None
 Source = torch.Tensor | Mapping[str, torch.Tensor]
 Intervention = Callable[[torch.Tensor, Site], torch.Tensor]

@@ -27,16 +27,20 @@ from typing import Any
 import torch
 
 from .hooks import resolve_positions
+from .hooks.positions import Positions
 from .tokens import Target, str_tokens, token_id
 
-Positions = int | Sequence[int]
 Factory = Callable[[tuple[int, ...]], Callable[[torch.Tensor], torch.Tensor]]
 
 
-def _positions(position: Positions) -> tuple[int, ...]:
-    if isinstance(position, bool):
-        raise TypeError("a metric's position is an int or a list of ints, not a bool")
-    out = (position,) if isinstance(position, int) else tuple(int(p) for p in position)
+def _positions(positions: Positions) -> tuple[int, ...]:
+    if isinstance(positions, bool):
+        raise TypeError("a metric's positions are an int or a list of ints, not a bool")
+    if isinstance(positions, slice):
+        raise TypeError(f"a metric reads fixed positions, not a slice ({positions}): list them, e.g. [-2, -1]")
+    if isinstance(positions, torch.Tensor):
+        positions = positions.flatten().tolist()
+    out = (positions,) if isinstance(positions, int) else tuple(int(p) for p in positions)
     if not out:
         raise ValueError("a metric needs at least one position")
     return out
@@ -121,7 +125,7 @@ class Metric:
     def resolve(self, seq: int) -> list[int]:
         """The absolute sequence indices this metric reads in a sequence of ``seq`` tokens, sorted.
 
-        >>> logit_diff(1, 2, position=[-1, 0]).resolve(4)
+        >>> logit_diff(1, 2, positions=[-1, 0]).resolve(4)
         [0, 3]
         """
         if self.positions is None:
@@ -186,8 +190,8 @@ def as_metric(metric: Metric | Callable[[torch.Tensor], torch.Tensor], model: An
     return Metric(metric, positions=None, name=getattr(metric, "__name__", "metric"))
 
 
-def logit_diff(correct: Target, wrong: Target, position: Positions = -1) -> Metric:
-    """``logit[correct] - logit[wrong]`` at ``position`` (averaged over positions if several);
+def logit_diff(correct: Target, wrong: Target, positions: Positions = -1) -> Metric:
+    """``logit[correct] - logit[wrong]`` at ``positions`` (averaged if several);
     targets are token ids or text (``" Paris"``).
 
     >>> l = torch.zeros(1, 2, 4); l[0, 1, 2] = 3.0
@@ -197,12 +201,12 @@ def logit_diff(correct: Target, wrong: Target, position: Positions = -1) -> Metr
     def factory(ids: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda logits: (logits[..., 0] - logits[..., 1]).mean(-1)
 
-    return Metric(None, position, f"logit_diff({correct!r}, {wrong!r})", targets=(correct, wrong), factory=factory,
+    return Metric(None, positions, f"logit_diff({correct!r}, {wrong!r})", targets=(correct, wrong), factory=factory,
                   reads_targets=True)
 
 
-def prob(target: Target, position: Positions = -1) -> Metric:
-    """Probability of ``target`` (a token id or text) at ``position`` (averaged over positions if several).
+def prob(target: Target, positions: Positions = -1) -> Metric:
+    """Probability of ``target`` (a token id or text) at ``positions`` (averaged if several).
 
     >>> prob(0)(torch.zeros(1, 1, 4))
     tensor([0.2500])
@@ -211,28 +215,28 @@ def prob(target: Target, position: Positions = -1) -> Metric:
         t = ids[0]
         return lambda logits: logits.softmax(-1)[..., t].mean(-1)
 
-    return Metric(None, position, f"prob({target!r})", targets=(target,), factory=factory)
+    return Metric(None, positions, f"prob({target!r})", targets=(target,), factory=factory)
 
 
-def kl(reference_logits: torch.Tensor, position: Positions = -1) -> Metric:
-    """``KL(softmax(reference) || softmax(logits))`` at ``position`` (averaged if several).
+def kl(reference_logits: torch.Tensor, positions: Positions = -1) -> Metric:
+    """``KL(softmax(reference) || softmax(logits))`` at ``positions`` (averaged if several).
 
     ``reference_logits`` are the logits of a reference run (usually the clean one): full
-    ``[1, seq, vocab]`` or ``[seq, vocab]`` (``position`` picks from them), or ``[vocab]`` for
+    ``[1, seq, vocab]`` or ``[seq, vocab]`` (``positions`` picks from them), or ``[vocab]`` for
     one position. With the clean run as reference, normalised patching scores are
     ``1 - KL / KL(clean || corrupt)``: 0 for the corrupt run, 1 for the clean one.
 
     >>> kl(torch.zeros(4))(torch.zeros(1, 3, 4))
     tensor([0.])
     """
-    positions = _positions(position)
+    picked = _positions(positions)
     ref = reference_logits.detach().float()
     if ref.dim() == 3:
         ref = ref[0]
     if ref.dim() == 2:
-        ref = ref[list(positions)]
+        ref = ref[list(picked)]
     elif ref.dim() == 1:
-        ref = ref.expand(len(positions), -1)
+        ref = ref.expand(len(picked), -1)
     else:
         raise ValueError(f"reference_logits must be [vocab], [seq, vocab] or [1, seq, vocab], got {tuple(ref.shape)}")
     ref_logp = ref.log_softmax(-1)
@@ -241,7 +245,7 @@ def kl(reference_logits: torch.Tensor, position: Positions = -1) -> Metric:
         r = ref_logp.to(logits.device)
         return (r.exp() * (r - logits.log_softmax(-1))).sum(-1).mean(-1)
 
-    return Metric(fn, positions, "kl")
+    return Metric(fn, picked, "kl")
 
 
 __all__ = ["Metric", "as_metric", "logit_diff", "prob", "kl"]

@@ -107,8 +107,8 @@ def test_sweep_equals_naive_loop_other_metrics(metric_kind):
     model = make_model(CONFIGS["gqa_local_global"], seed=1)
     clean_logits = model(torch.tensor([CLEAN]))
     metric = {
-        "kl_two_positions": kl(clean_logits, position=[3, -1]),
-        "prob_middle": prob(int(clean_logits[0, 4].argmax()), position=4),  # patches after 4 change nothing
+        "kl_two_positions": kl(clean_logits, positions=[3, -1]),
+        "prob_middle": prob(int(clean_logits[0, 4].argmax()), positions=4),  # patches after 4 change nothing
         "callable": lambda logits: logits[:, -2, 5] - logits[:, 1, 6],
     }[metric_kind]
     kinds = ("resid_pre", "attn.out", "attn.z_by_pos")
