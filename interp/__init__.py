@@ -27,7 +27,7 @@ from .attribution import attribution_patch, attribution_patches
 from .circuits import (
     EdgeScores,
     Graph,
-    Intervention,
+    InterventionResult,
     PathPatchingResult,
     attribution_graph,
     edge_attribution_patch,
@@ -93,6 +93,6 @@ __all__ = [
     "JumpReLUSAE", "TopKSAE", "Transcoder", "load_dictionary", "run_with_dictionaries", "run_with_saes",
     "top_features", "FeatureEval", "compare_dictionaries", "feature_dashboard", "feature_index",
     "probe", "ProbeResult", "steering_vector", "SteeringVector", "TunedLens", "LensKL",
-    "Corpus", "harvest", "ActivationStore", "attribution_graph", "Graph", "intervene", "Intervention",
+    "Corpus", "harvest", "ActivationStore", "attribution_graph", "Graph", "intervene", "InterventionResult",
     "path_patch", "PathPatchingResult", "edge_attribution_patch", "EdgeScores",
 ]

@@ -4,7 +4,7 @@ before anything is allocated.
 Every format is reduced to a :class:`TensorSource` (our parameter name -> shape, dtype and a
 loader that reads the tensor only when called). :func:`check_layer_count` and
 :func:`check_source` compare it with a configuration using only names and shapes, and
-:func:`check_fits` compares the model's size with the memory the device has.
+:func:`check_memory` compares the model's size with the memory the device has.
 
 >>> from interp.model.config import Gemma3Config
 >>> cfg = Gemma3Config(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=1, d_head=4, vocab_size=9)
@@ -275,7 +275,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def check_fits(cfg: Gemma3Config, dtype: torch.dtype, device: str | torch.device, what: str = "the weights") -> None:
+def check_memory(cfg: Gemma3Config, dtype: torch.dtype, device: str | torch.device, what: str = "the weights") -> None:
     """Refuse (with the numbers) a model larger than the memory free on ``device``."""
     from .runs import available_memory, format_bytes
 
@@ -298,4 +298,4 @@ def inside(folder: Path, name: str) -> Path:
 
 __all__ = ["CheckpointError", "TensorSource", "FLOAT_DTYPES", "our_name", "expected_shapes", "layer_count",
            "safetensors_source", "state_dict_source", "split_fused_qkv", "check_layer_count", "check_source",
-           "check_fits", "inside", "resolve_dtype", "resolve_device"]
+           "check_memory", "inside", "resolve_dtype", "resolve_device"]

@@ -73,12 +73,12 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         ...     n_kv_heads=1, d_head=8, vocab_size=9)).cfg.n_layers
         1
         """
-        from .loading import check_fits, resolve_device, resolve_dtype
+        from .loading import check_memory, resolve_device, resolve_dtype
 
         if isinstance(cfg, str):
             cfg = Gemma3Config.preset(cfg)
         dtype, device = resolve_dtype(dtype), resolve_device(device)
-        check_fits(cfg, dtype, device, what="random weights")
+        check_memory(cfg, dtype, device, what="random weights")
         gen = torch.Generator().manual_seed(seed)
         with torch.device("meta"):
             model = cls(cfg, tokenizer)

@@ -23,8 +23,8 @@ from torch import nn
 from .checkpoint import (
     CheckpointError,
     TensorSource,
-    check_fits,
     check_layer_count,
+    check_memory,
     check_source,
     inside,
     layer_count,
@@ -47,7 +47,7 @@ def build_from_source(cls: Any, cfg: Gemma3Config, source: TensorSource, dtype: 
     after every name, shape and dtype and the memory needed were checked. ``check_finite``
     (default: for checkpoints under 4 GiB) reports NaN or inf weights by name."""
     check_source(cfg, source)
-    check_fits(cfg, dtype, device)
+    check_memory(cfg, dtype, device)
     if check_finite is None:
         check_finite = source.numel() * 4 < CHECK_FINITE_BELOW
     with torch.device("meta"):
@@ -224,4 +224,4 @@ def download_from_hub(repo_id: str) -> Path:
 
 
 __all__ = ["load_pretrained", "build_from_source", "infer_config", "download_from_hub", "CheckpointError",
-           "check_fits", "CHECK_FINITE_BELOW"]
+           "check_memory", "CHECK_FINITE_BELOW"]

@@ -35,7 +35,7 @@ FeatureKey = str | Node | tuple[int, int, int]
 
 
 @dataclass
-class Intervention:
+class InterventionResult:
     """Logits of the graph's logit tokens before and after an intervention, and the graph's
     prediction of the change. ``labels``: the tokens; ``mode``: ``"direct"`` or ``"model"``."""
 
@@ -67,7 +67,7 @@ class Intervention:
     def __repr__(self) -> str:
         rows = ", ".join(f"{t!r}: {float(c):+.3f} (graph {float(p):+.3f})"
                          for t, c, p in zip(self.labels, self.change, self.predicted))
-        return f"Intervention({self.mode}; {rows})"
+        return f"InterventionResult({self.mode}; {rows})"
 
 
 def _feature_nodes(graph: Graph, features: Mapping[FeatureKey, float]) -> dict[int, float]:
@@ -97,7 +97,7 @@ def _predict(graph: Graph, changes: dict[int, float]) -> torch.Tensor:
 
 
 def intervene(model: Any, graph: Graph, transcoders: Sequence[Dictionary] | Mapping[int, Dictionary],
-              features: Mapping[FeatureKey, float], *, mode: str = "direct") -> Intervention:
+              features: Mapping[FeatureKey, float], *, mode: str = "direct") -> InterventionResult:
     """Set ``features`` (``{node key | Node | (layer, pos, feature): new activation}``) on the
     graph's prompt and measure the graph's logits (see the module docstring for ``mode``).
 
@@ -138,7 +138,7 @@ def intervene(model: Any, graph: Graph, transcoders: Sequence[Dictionary] | Mapp
         with torch.no_grad():
             after = model.run_with_hooks(ids[None], hooks)[0, position, tokens].float()
     labels = [n.label.removeprefix("logit ").strip("'\"") for n in logit_nodes]
-    return Intervention(labels, before.cpu(), after.cpu(), _predict(graph, changes), mode)
+    return InterventionResult(labels, before.cpu(), after.cpu(), _predict(graph, changes), mode)
 
 
-__all__ = ["intervene", "Intervention"]
+__all__ = ["intervene", "InterventionResult"]

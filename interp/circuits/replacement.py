@@ -83,7 +83,7 @@ def _split(model: Gemma3, name: str | None) -> tuple[int | None, str]:
 
 
 @dataclass
-class Prompt:
+class PromptRun:
     """What the real model computes on the prompt (batch 1), that the graph's nodes are made of."""
 
     ids: torch.Tensor  # [seq]
@@ -104,7 +104,7 @@ def out_site(layer: int, transcoders: Mapping[int, Dictionary]) -> str:
 
 @torch.no_grad()
 def run_prompt(model: Gemma3, ids: torch.Tensor, transcoders: Mapping[int, Dictionary], position: int,
-               bos_features: bool = True) -> Prompt:
+               bos_features: bool = True) -> PromptRun:
     """One forward of the real model, caching what the replacement model is built from. With
     ``bos_features=False`` the features at a leading BOS token are left out (set to 0): what
     they wrote joins that position's error."""
@@ -129,7 +129,7 @@ def run_prompt(model: Gemma3, ids: torch.Tensor, transcoders: Mapping[int, Dicti
         recon = (acts[layer].to(tc.W_dec.dtype) @ tc.W_dec + tc.b_dec).float()
         skip = tc.skip(x)
         errors[layer] = actual - (recon if skip is None else recon + skip.float())
-    return Prompt(ids, cache["embed"][0], x_in, acts, pre, errors, logits[0, position].float(), position)
+    return PromptRun(ids, cache["embed"][0], x_in, acts, pre, errors, logits[0, position].float(), position)
 
 
 def linear_norm(x: torch.Tensor, norm: RMSNorm, factor: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,7 +152,7 @@ class Trace:
     frozen: dict[str, torch.Tensor] = field(default_factory=dict)  # patterns and norm scales, by site
 
 
-def replacement_hooks(model: Gemma3, prompt: Prompt, transcoders: Mapping[int, Dictionary],
+def replacement_hooks(model: Gemma3, prompt: PromptRun, transcoders: Mapping[int, Dictionary],
                       acts: Mapping[int, torch.Tensor] | None = None, errors: bool = True,
                       frozen: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], Trace]:
     """Hooks that turn a forward of ``prompt`` into its local replacement model, and the
@@ -224,7 +224,7 @@ def replacement_hooks(model: Gemma3, prompt: Prompt, transcoders: Mapping[int, D
     return hooks, trace
 
 
-def replacement_forward(model: Gemma3, prompt: Prompt, transcoders: Mapping[int, Dictionary],
+def replacement_forward(model: Gemma3, prompt: PromptRun, transcoders: Mapping[int, Dictionary],
                         acts: Mapping[int, torch.Tensor] | None = None, errors: bool = True,
                         frozen: Mapping[str, torch.Tensor] | None = None) -> Trace:
     """Run the local replacement model on the prompt (gradients on); ``trace.final`` is the
@@ -316,5 +316,5 @@ def backward_rows(segments: list[torch.Tensor], trace: Trace, batch: int
 
 
 __all__ = ["resolve_transcoders", "run_prompt", "replacement_forward", "replacement_hooks", "final_logits",
-           "linear_norm", "backward_rows", "target_values", "Prompt", "Trace", "Targets", "out_site",
+           "linear_norm", "backward_rows", "target_values", "PromptRun", "Trace", "Targets", "out_site",
            "IN_KINDS", "OUT_KINDS"]
