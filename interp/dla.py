@@ -24,7 +24,6 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import plotly.graph_objects as go
 import torch
@@ -33,6 +32,7 @@ from einops import einsum
 from .hooks import resolve_position
 from .model import Gemma3
 from .model.finite import check_finite
+from .model.inputs import Prompt
 from .model.layers import rms_factor
 from .model.sites import block_site
 from .plots import bars, escape_token, heatmap
@@ -133,7 +133,7 @@ class DLAResult:
 
 
 @torch.no_grad()
-def direct_logit_attribution(model: Gemma3, prompt: Any, target: Target, baseline: Target | None = None,
+def direct_logit_attribution(model: Gemma3, prompt: Prompt, target: Target, baseline: Target | None = None,
                              position: int = -1, top_neurons: int = 10) -> DLAResult:
     """Split the logit of ``target`` (or ``logit(target) - logit(baseline)``) at ``position``
     into embedding, per-layer attention and MLP parts, per-head and per-neuron parts.

@@ -30,8 +30,10 @@ import plotly.graph_objects as go
 import torch
 
 from .hooks import partial_run, resolve_position, sorted_positions
+from .model import Gemma3
 from .model.config import GLOBAL
 from .model.finite import check_finite
+from .model.inputs import Prompt
 from .model.runs import available_memory
 from .plots import escape_token, heatmap, line
 from .tokens import Target, layer_labels, single_prompt, str_tokens, token_ids
@@ -172,7 +174,7 @@ def aligned(rows: Sequence[Sequence[str]]) -> str:
 
 # ---------------------------------------------------------------------- the lens
 @torch.no_grad()
-def logit_lens(model: Any, prompt: Any, targets: Sequence[Target] | Target | None = None,
+def logit_lens(model: Gemma3, prompt: Prompt, targets: Sequence[Target] | Target | None = None,
                positions: Any = None, k: int = 5, *, lens: TunedLens | None = None) -> LensResult:
     """Logit lens of one prompt (text or token ids) over every layer.
 

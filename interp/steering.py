@@ -28,6 +28,7 @@ import plotly.graph_objects as go
 import torch
 
 from .hooks import PositionError, Site, add, partial_run
+from .model import Gemma3
 from .model.finite import check_finite
 from .model.sites import kind_of
 from .plots import bars, escape_text
@@ -83,7 +84,7 @@ class SteeringVector:
         """
         return [(self.site, add(self.vector, float(scale), positions=positions))]
 
-    def projections(self, model: Any, prompts: Sequence[Any], position: int | None = None) -> torch.Tensor:
+    def projections(self, model: Gemma3, prompts: Sequence[Any], position: int | None = None) -> torch.Tensor:
         """Each prompt's activation at ``site`` (at ``position``, default the vector's) projected on
         the unit vector, measured from the midpoint of the two means: positive on the positive
         side. ``[len(prompts)]``."""
@@ -91,7 +92,7 @@ class SteeringVector:
         mid = (self.positive_mean + self.negative_mean) / 2
         return (acts - mid).flatten(1) @ self.unit.flatten()
 
-    def plot_projection(self, model: Any, prompts: Sequence[Any], position: int | None = None,
+    def plot_projection(self, model: Gemma3, prompts: Sequence[Any], position: int | None = None,
                         title: str | None = None) -> go.Figure:
         """Bars of :meth:`projections`, one per prompt (labelled by its text, escaped)."""
         values = self.projections(model, prompts, position)
@@ -101,7 +102,7 @@ class SteeringVector:
                     title=title or escape_text(f"Projection on the steering vector at {self.site}"))
 
 
-def _layer_stop(model: Any, site: str) -> int | None:
+def _layer_stop(model: Gemma3, site: str) -> int | None:
     """The layer a run can stop before and still fire ``site`` (None: it needs the whole model)."""
     if site in ("final_norm", "logits"):
         return None
@@ -110,7 +111,7 @@ def _layer_stop(model: Any, site: str) -> int | None:
 
 
 @torch.no_grad()
-def site_activations(model: Any, prompts: Sequence[Any], site: str, position: int = -1,
+def site_activations(model: Gemma3, prompts: Sequence[Any], site: str, position: int = -1,
                      batch_size: int = 16) -> torch.Tensor:
     """The activation of one site at ``position`` of each prompt, ``[len(prompts), *dims]``
     (float32, CPU). Texts run in left-padded batches of ``batch_size``; ``position`` counts the
@@ -157,7 +158,7 @@ def site_activations(model: Any, prompts: Sequence[Any], site: str, position: in
     return torch.stack([a for a in out if a is not None])
 
 
-def steering_vector(model: Any, positives: Sequence[Any], negatives: Sequence[Any],
+def steering_vector(model: Gemma3, positives: Sequence[Any], negatives: Sequence[Any],
                     site: str, position: int = -1, *, batch_size: int = 16) -> SteeringVector:
     """Contrastive activation addition: ``mean(act(positives)) - mean(act(negatives))`` at
     ``site``, reading each prompt at ``position`` (``-1``: its last token; prompts may have

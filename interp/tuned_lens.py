@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .hooks import NonFiniteError, partial_run
+from .model import Gemma3
 from .model.sites import block_site
 from .plots import escape_token, line
 from .progress import progress_bar
@@ -112,11 +113,11 @@ class TunedLens(nn.Module):
         return f"layers={self.n_layers}, d_model={self.d_model}, trained steps={len(self.history)}"
 
     @classmethod
-    def identity(cls, model: Any) -> TunedLens:
+    def identity(cls, model: Gemma3) -> TunedLens:
         """An untrained lens for ``model`` (zero translators: exactly the logit lens)."""
         return cls(model.cfg.n_layers, model.cfg.d_model, model.cfg.to_dict()).to(model.device)
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: Gemma3) -> None:
         """Raise :class:`TunedLensError` unless the lens has ``model``'s layers and width."""
         cfg = model.cfg
         if (cfg.n_layers, cfg.d_model) != (self.n_layers, self.d_model):
@@ -146,7 +147,7 @@ class TunedLens(nn.Module):
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(cls, model: Any, store: Any, site_kind: str = "resid_post", *, steps: int = 250, lr: float = 1e-3,
+    def fit(cls, model: Gemma3, store: Any, site_kind: str = "resid_post", *, steps: int = 250, lr: float = 1e-3,
             batch_size: int = 256, seed: int = 0, progress: bool = True) -> TunedLens:
         """Train a lens on an :class:`~interp.data.ActivationStore` holding ``blocks.*.{site_kind}``
         (every layer; the last layer's residual gives the target, the model's own output
@@ -209,7 +210,7 @@ class TunedLens(nn.Module):
 
     # ------------------------------------------------------------------ evaluating
     @torch.no_grad()
-    def kl_per_layer(self, model: Any, data: Any, *, batch_size: int = 256, max_tokens: int | None = None) -> LensKL:
+    def kl_per_layer(self, model: Gemma3, data: Any, *, batch_size: int = 256, max_tokens: int | None = None) -> LensKL:
         """Mean ``KL(final || lens)`` per layer for this lens and for the plain logit lens, on
         held-out ``data``: an :class:`~interp.data.ActivationStore` with ``blocks.*.{site_kind}``
         (every harvested token, read in order) or texts (every position of each, BOS included).
@@ -262,7 +263,7 @@ class TunedLens(nn.Module):
                    "bias": self.bias.detach().float().cpu().contiguous()}, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: Any = None) -> TunedLens:
+    def load(cls, path: str | os.PathLike, model: Gemma3 | None = None) -> TunedLens:
         """Read a lens written by :meth:`save`. With ``model``, refuse a lens of another shape
         (:class:`TunedLensError`), warn when the rest of its configuration differs, and put the
         lens on the model's device."""
@@ -306,7 +307,7 @@ class TunedLens(nn.Module):
 
 
 # ---------------------------------------------------------------------- data
-def _check_store(model: Any, store: Any, site_kind: str) -> list[str]:
+def _check_store(model: Gemma3, store: Any, site_kind: str) -> list[str]:
     """The store's sites for every layer's ``site_kind``, checked against the model."""
     from .data.harvest import model_fingerprint
     from .data.store import ActivationStore
@@ -350,7 +351,7 @@ def _aligned_batches(store: Any, sites: Sequence[str], batch_size: int, seed: in
         epoch += 1
 
 
-def _text_batches(model: Any, texts: Sequence[str], site_kind: str) -> Iterator[list[torch.Tensor]]:
+def _text_batches(model: Gemma3, texts: Sequence[str], site_kind: str) -> Iterator[list[torch.Tensor]]:
     """Every position of each text: the residual after each layer, ``[seq, d]`` per layer."""
     names = block_site("*", site_kind)
     for text in texts:

@@ -10,6 +10,7 @@ import torch
 from ..hooks import HookSpec, partial_run
 from ..model import Gemma3
 from ..model.finite import check_finite
+from ..model.inputs import Prompt
 from ..model.sites import block_site
 
 GEMMA3_LAST_NORMAL_ID = 255_967  # Gemma 3 tokenizer: later ids are tab runs, image and <unused> tokens
@@ -64,7 +65,7 @@ def repeated_random_tokens(model_or_cfg: Any, seq_len: int = 50, batch: int = 4,
     return out
 
 
-def as_tokens(model: Gemma3, prompt: Any) -> torch.Tensor:
+def as_tokens(model: Gemma3, prompt: Prompt) -> torch.Tensor:
     """Unpadded token ids ``[batch, seq]`` of a prompt (attention analyses need no padding)."""
     ids, mask = model.to_tokens(prompt)
     if mask is not None:

@@ -25,6 +25,7 @@ import torch
 from ..display import figure
 from ..hooks import HookSpec
 from ..model import Gemma3
+from ..model.inputs import Prompt
 from ..plots import escape_token, heatmap
 from ..tokens import Top, top_entries
 from .common import as_tokens, layer_label, layer_list, patterns_of, repeated_random_tokens
@@ -128,14 +129,15 @@ class HeadScores:
         return fig
 
 
-def _score_tokens(model: Gemma3, prompt: Any, seq_len: int, batch: int, seed: int) -> tuple[torch.Tensor, str]:
+def _score_tokens(model: Gemma3, prompt: Prompt | None, seq_len: int, batch: int,
+                  seed: int) -> tuple[torch.Tensor, str]:
     if prompt is None:
         ids = repeated_random_tokens(model.cfg, seq_len, batch, seed).to(model.device)
         return ids, f"repeated random tokens, n={seq_len}, batch={batch}, seed={seed}"
     return as_tokens(model, prompt), "prompt"
 
 
-def all_head_scores(model: Gemma3, kinds: Sequence[str] = KINDS, prompt: Any = None, *, seq_len: int = 50,
+def all_head_scores(model: Gemma3, kinds: Sequence[str] = KINDS, prompt: Prompt | None = None, *, seq_len: int = 50,
                     batch: int = 4, seed: int = 0, layers: int | Sequence[int] | None = None,
                     hooks: HookSpec = None) -> dict[str, HeadScores]:
     """:func:`head_scores` of several kinds from one run: ``{kind: HeadScores}``.
@@ -166,8 +168,9 @@ def all_head_scores(model: Gemma3, kinds: Sequence[str] = KINDS, prompt: Any = N
     return out
 
 
-def head_scores(model: Gemma3, kind: str = "induction", prompt: Any = None, *, seq_len: int = 50, batch: int = 4,
-                seed: int = 0, layers: int | Sequence[int] | None = None, hooks: HookSpec = None) -> HeadScores:
+def head_scores(model: Gemma3, kind: str = "induction", prompt: Prompt | None = None, *, seq_len: int = 50,
+                batch: int = 4, seed: int = 0, layers: int | Sequence[int] | None = None,
+                hooks: HookSpec = None) -> HeadScores:
     """Score every head for ``kind`` (one of :data:`KINDS`; :func:`all_head_scores` for several).
 
     Without ``prompt`` the scores are measured on ``batch`` rows of repeated random tokens
@@ -236,8 +239,9 @@ class AttentionDistance:
         return fig
 
 
-def attention_distance(model: Gemma3, prompt: Any = None, *, seq_len: int = 128, batch: int = 1, seed: int = 0,
-                       layers: int | Sequence[int] | None = None, hooks: HookSpec = None) -> AttentionDistance:
+def attention_distance(model: Gemma3, prompt: Prompt | None = None, *, seq_len: int = 128, batch: int = 1,
+                       seed: int = 0, layers: int | Sequence[int] | None = None,
+                       hooks: HookSpec = None) -> AttentionDistance:
     """Mean attention distance per head on ``prompt`` (default: ``BOS`` + ``seq_len`` random
     tokens, no repeats). Local layers cannot look further back than ``window - 1``.
 

@@ -20,6 +20,7 @@ import torch
 from ..display import subplots
 from ..hooks import HookSpec
 from ..model import Gemma3
+from ..model.inputs import Prompt
 from ..plots import escape_tokens, heatmap
 from ..tokens import str_tokens
 from .common import MAX_HOVER_TOKENS, as_tokens, layer_list, layer_title, patterns_of
@@ -121,7 +122,7 @@ class PatternResult:
         return fig
 
 
-def attention_patterns(model: Gemma3, prompt: Any, layers: int | Sequence[int] | None = None, *,
+def attention_patterns(model: Gemma3, prompt: Prompt, layers: int | Sequence[int] | None = None, *,
                        hooks: HookSpec = None) -> PatternResult:
     """Attention patterns of ``layers`` (default: all) for ``prompt`` (text or token ids).
 

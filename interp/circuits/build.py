@@ -28,6 +28,7 @@ import torch
 from ..features.dictionary import Dictionary
 from ..hooks import NonFiniteError
 from ..model import Gemma3
+from ..model.inputs import Prompt
 from ..model.runs import CacheTooLargeError, available_memory, format_bytes
 from ..progress import progress_bar
 from ..tokens import single_prompt, str_tokens, token_ids
@@ -81,7 +82,7 @@ def _logit_tokens(model: Gemma3, probs: torch.Tensor, logits: Any, max_logits: i
     return idx[:min(n, max_logits)].tolist()
 
 
-def attribution_graph(model: Gemma3, prompt: Any, transcoders: Sequence[Dictionary] | Mapping[int, Dictionary], *,
+def attribution_graph(model: Gemma3, prompt: Prompt, transcoders: Sequence[Dictionary] | Mapping[int, Dictionary], *,
                       logits: Any = None, max_logits: int = 10, logit_probability: float = 0.95,
                       position: int = -1, bos_features: bool = False, batch: int = 64,
                       max_bytes: int | None = None, progress: bool = True) -> Graph:

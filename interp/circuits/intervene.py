@@ -27,6 +27,7 @@ import torch
 from ..display import figure
 from ..features.dictionary import Dictionary
 from ..features.interventions import dictionary_hooks
+from ..model import Gemma3
 from ..plots import escape_token
 from .graph import Graph, Node
 from .replacement import final_logits, replacement_forward, resolve_transcoders, run_prompt
@@ -96,7 +97,7 @@ def _predict(graph: Graph, changes: dict[int, float]) -> torch.Tensor:
     return (graph.adjacency.double() @ scale)[graph.mask("logit")].float()
 
 
-def intervene(model: Any, graph: Graph, transcoders: Sequence[Dictionary] | Mapping[int, Dictionary],
+def intervene(model: Gemma3, graph: Graph, transcoders: Sequence[Dictionary] | Mapping[int, Dictionary],
               features: Mapping[FeatureKey, float], *, mode: str = "direct") -> InterventionResult:
     """Set ``features`` (``{node key | Node | (layer, pos, feature): new activation}``) on the
     graph's prompt and measure the graph's logits (see the module docstring for ``mode``).

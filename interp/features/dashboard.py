@@ -42,6 +42,7 @@ from markupsafe import Markup
 
 from ..data.corpus import PAD_DOC
 from ..display import figure
+from ..model import Gemma3
 from ..pages import render, trusted
 from .dictionary import Dictionary
 from .scan import (
@@ -125,7 +126,7 @@ INDEX_PAGE = """<!DOCTYPE html>
 class _Tokens:
     """Token strings of store rows (cached): a row's tokens by position (padding left out)."""
 
-    def __init__(self, model: Any, store: Any, tokenizer: Any):
+    def __init__(self, model: Gemma3, store: Any, tokenizer: Any):
         self.store = store
         self.tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.cache: dict[int, dict[int, str]] = {}
@@ -178,7 +179,7 @@ def _histogram(tops: TopActivations, feature: int, div_id: str) -> Markup | None
     return trusted(fig.to_html(include_plotlyjs=False, full_html=False, div_id=div_id))
 
 
-def _page(model: Any, dictionary: Dictionary, feature: int, tops: TopActivations, tokens: _Tokens, *, k_logits: int,
+def _page(model: Gemma3, dictionary: Dictionary, feature: int, tops: TopActivations, tokens: _Tokens, *, k_logits: int,
           plotlyjs: str, index_link: bool = False, effects: Effects | None = None) -> str:
     from plotly.offline import get_plotlyjs
 
@@ -217,7 +218,7 @@ class Page(str):
         return f"<HTML page, {len(self.encode('utf-8')) / 1e6:.1f} MB{where}>"
 
 
-def feature_dashboard(model: Any, dictionary: Dictionary, feature: int, store: Any, *, k: int = 20,
+def feature_dashboard(model: Gemma3, dictionary: Dictionary, feature: int, store: Any, *, k: int = 20,
                       path: str | os.PathLike | None = None, window: tuple[int, int] = (12, 4),
                       k_logits: int | None = None, tokenizer: Any = None, site: str | None = None,
                       progress: bool = True) -> Page:
@@ -242,7 +243,7 @@ def page_name(feature: int) -> str:
     return f"feature_{int(feature)}.html"
 
 
-def feature_index(model: Any, dictionary: Dictionary, store: Any, features: Iterable[int] | None,
+def feature_index(model: Gemma3, dictionary: Dictionary, store: Any, features: Iterable[int] | None,
                   out_dir: str | os.PathLike, *, k: int = 10, window: tuple[int, int] = (12, 4),
                   k_logits: int = 10, tokenizer: Any = None, site: str | None = None,
                   progress: bool = True) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..model import Gemma3
 from ..progress import progress_bar
 from ..tokens import str_tokens
 from .dictionary import Dictionary
@@ -192,7 +193,7 @@ def top_activations(dictionary: Dictionary, store: Any, features: Iterable[int] 
 Effects = tuple[list[tuple[int, str, float]], list[tuple[int, str, float]]]
 
 
-def logit_effects(model: Any, dictionary: Dictionary, feature: int, k: int = 10) -> Effects | None:
+def logit_effects(model: Gemma3, dictionary: Dictionary, feature: int, k: int = 10) -> Effects | None:
     """The ``k`` tokens whose logits the feature's decoder direction raises most, and the ``k`` it
     lowers most: ``(W_dec[f] * (1 + final_norm.weight)) @ W_E.T`` (the final norm's
     data-dependent scale left out; see the module docstring). ``[(token id, token, effect), ...]``
@@ -201,7 +202,7 @@ def logit_effects(model: Any, dictionary: Dictionary, feature: int, k: int = 10)
 
 
 @torch.no_grad()
-def logit_effects_of(model: Any, dictionary: Dictionary, features: list[int], k: int = 10,
+def logit_effects_of(model: Gemma3, dictionary: Dictionary, features: list[int], k: int = 10,
                      chunk: int = 64) -> dict[int, Effects]:
     """:func:`logit_effects` of many features, ``chunk`` at a time through one matmul with the
     unembedding each (one pass over the vocabulary per chunk, not per feature); ``{}`` when the
