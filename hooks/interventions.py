@@ -47,6 +47,7 @@ tensor([[[0., 0.],
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -197,7 +198,7 @@ class _Selection:
         self.sel = {"rows": _check_index(rows, "rows"), "positions": _check_index(positions, "positions"),
                     "heads": _check_index(heads, "heads"), "neurons": _check_index(neurons, "neurons")}
         self.everything = all(v is None for v in self.sel.values())
-        self._memo: dict[tuple, torch.Tensor | None] = {}
+        self._memo: dict[tuple[Any, ...], torch.Tensor | None] = {}
 
     def __call__(self, x: torch.Tensor, site: Site) -> torch.Tensor | None:
         if self.everything:

@@ -138,7 +138,7 @@ def safetensors_source(files: list[Path]) -> TensorSource:
     source = TensorSource({}, {}, origin=", ".join(f.name for f in files[:3]) + (" ..." if len(files) > 3 else ""))
     for file in files:
         try:
-            handle = safe_open(str(file), framework="pt")
+            handle: Any = safe_open(str(file), framework="pt")
             keys = list(handle.keys())
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it may be truncated or "
@@ -154,7 +154,8 @@ def safetensors_source(files: list[Path]) -> TensorSource:
 
             def load(h: Any = handle, k: str = key, f: Path = file) -> torch.Tensor:
                 try:
-                    return h.get_tensor(k)
+                    tensor: torch.Tensor = h.get_tensor(k)
+                    return tensor
                 except (SafetensorError, OSError) as e:
                     raise CheckpointError(f"cannot read tensor {k!r} from {f} ({e}); the file may be truncated "
                                           "or corrupt") from None

@@ -123,7 +123,7 @@ class Gemma3Config:
     @property
     def attn_scale(self) -> float:
         """The factor on q k^T: query_pre_attn_scalar ** -0.5."""
-        return self.query_pre_attn_scalar**-0.5
+        return float(self.query_pre_attn_scalar**-0.5)
 
     def is_global(self, layer: int) -> bool:
         """True when ``layer`` attends to every earlier token, False for a sliding-window layer."""
@@ -147,7 +147,7 @@ class Gemma3Config:
 
     # ------------------------------------------------------------------ Hugging Face
     @classmethod
-    def from_hf(cls, hf: dict[str, Any] | str | os.PathLike) -> Gemma3Config:
+    def from_hf(cls, hf: dict[str, Any] | str | os.PathLike[str]) -> Gemma3Config:
         """Read a Hugging Face ``config.json`` (a dict, a file, or a directory holding one);
         see :func:`interp.model.hf_config.config_from_hf`.
 
@@ -196,7 +196,8 @@ class Gemma3Config:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**PRESETS[key])
 
-def _preset(n_layers, d_model, d_mlp, n_heads, n_kv_heads, d_head, window, factor, scalar, max_pos, vocab):
+def _preset(n_layers: int, d_model: int, d_mlp: int, n_heads: int, n_kv_heads: int, d_head: int, window: int,
+            factor: float, scalar: float, max_pos: int, vocab: int) -> dict[str, Any]:
     return dict(
         n_layers=n_layers, d_model=d_model, d_mlp=d_mlp, n_heads=n_heads, n_kv_heads=n_kv_heads,
         d_head=d_head, window=window, rope_global_factor=factor, query_pre_attn_scalar=scalar,

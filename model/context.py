@@ -5,6 +5,7 @@ model, so two threads can run one model at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ class ForwardContext:
     _masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
-    def fire(self) -> Any:
+    def fire(self) -> Callable[..., torch.Tensor]:
         """The hook run's ``fire(name, x, layer)``: the one call at every site."""
         return self.run.fire
 

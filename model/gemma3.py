@@ -73,7 +73,7 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         ...     n_kv_heads=1, d_head=8, vocab_size=9)).cfg.n_layers
         1
         """
-        from .loading import check_memory, resolve_device, resolve_dtype
+        from .checkpoint import check_memory, resolve_device, resolve_dtype
 
         if isinstance(cfg, str):
             cfg = Gemma3Config.preset(cfg)
@@ -90,7 +90,7 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         return model.to(dtype).requires_grad_(False).eval()
 
     @classmethod
-    def from_pretrained(cls, src: str | os.PathLike = "demo", dtype: torch.dtype | str = torch.float32,
+    def from_pretrained(cls, src: str | os.PathLike[str] = "demo", dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", **kwargs: Any) -> Gemma3:
         """Load real weights from ``src``.
 
@@ -106,7 +106,7 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         """
         from .loading import load_pretrained
 
-        model = load_pretrained(cls, src, dtype=dtype, device=device, **kwargs)
+        model: Gemma3 = load_pretrained(cls, src, dtype=dtype, device=device, **kwargs)
         model.source = "demo" if str(src) == "demo" else (
             str(Path(src).expanduser().resolve()) if Path(src).expanduser().exists() else str(src))
         return model

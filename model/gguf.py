@@ -84,7 +84,8 @@ def hf_name(gguf_name: str) -> str:
     return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"
 
 
-def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = False) -> GGUFCheckpoint:
+def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
+              progress: bool = False) -> GGUFCheckpoint:
     """Read a llama.cpp Gemma 3 GGUF: dequantized tensors (cast to ``dtype``), config and tokenizer.
 
     Every quantization the ``gguf`` package knows (Q4_K, Q5_0, Q6_K, Q8_0, F16, ...) is
@@ -130,7 +131,7 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progr
     return GGUFCheckpoint(config=config, tensors=tensors, tokenizer_model=sentencepiece_model_from_gguf(reader))
 
 
-def open_gguf(path: str | os.PathLike) -> Any:
+def open_gguf(path: str | os.PathLike[str]) -> Any:
     """A ``gguf.GGUFReader`` for ``path``, with clear errors for missing, foreign or truncated files."""
     try:
         import gguf
@@ -279,10 +280,10 @@ def sentencepiece_model_from_gguf(reader: Any) -> bytes:
     n.name = "identity"
     n.add_dummy_prefix = False
     n.remove_extra_whitespaces = False
-    return proto.SerializeToString()
+    return bytes(proto.SerializeToString())
 
 
-def write_hf_dir(ckpt: GGUFCheckpoint, out_dir: str | os.PathLike) -> Path:
+def write_hf_dir(ckpt: GGUFCheckpoint, out_dir: str | os.PathLike[str]) -> Path:
     """Write ``model.safetensors`` (HF names, tied embedding stored once), ``config.json`` and
     ``tokenizer.model`` into ``out_dir`` (created if needed); returns its path.
 

@@ -28,7 +28,7 @@ HF_TEXT_DEFAULTS: dict[str, Any] = {
 }
 
 
-def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+def read_config_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON object in ``path`` (a ``config.json`` or a directory holding one), or a clear
     :class:`ConfigError` when it is missing, not JSON, or not an object."""
     path = os.fspath(path)
@@ -49,7 +49,7 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def config_from_hf(hf: dict[str, Any] | str | os.PathLike) -> Gemma3Config:
+def config_from_hf(hf: dict[str, Any] | str | os.PathLike[str]) -> Gemma3Config:
     """A :class:`Gemma3Config` from a Hugging Face config (a dict, a file, or a directory)."""
     if isinstance(hf, dict):
         return _from_dict(hf)

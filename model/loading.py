@@ -66,7 +66,7 @@ def build_from_source(cls: Any, cfg: Gemma3Config, source: TensorSource, dtype: 
     return model.eval()
 
 
-def load_pretrained(cls: Any, src: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+def load_pretrained(cls: Any, src: str | os.PathLike[str], dtype: torch.dtype | str = torch.float32,
                     device: str | torch.device = "cpu", config: Gemma3Config | str | None = None,
                     tokenizer: Any = None, check_finite: bool | None = None) -> Any:
     """Resolve ``src`` (see ``Gemma3.from_pretrained``) and build the model from it."""

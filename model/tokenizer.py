@@ -66,7 +66,7 @@ class Tokenizer:
             raise TokenizerError(f"these bytes are not a valid SentencePiece model ({e})") from None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load a SentencePiece ``tokenizer.model`` file (or a directory containing one).
 
         >>> tok = Tokenizer.from_file(demo_dir())                          # doctest: +SKIP
@@ -127,7 +127,7 @@ class Tokenizer:
         >>> tok.decode([2, 818, 5279, 529, 7001, 563])                 # doctest: +SKIP
         'The capital of France is'
         """
-        return self.sp.decode(self._check_ids(ids, "decode"))
+        return str(self.sp.decode(self._check_ids(ids, "decode")))
 
     def to_str_tokens(self, text_or_ids: Any, bos: bool = True) -> list[str]:
         """The text of each token: of ``encode(text, bos)`` for a string, else of the given ids.
@@ -146,7 +146,7 @@ class Tokenizer:
         return [self._token_text(i) for i in ids]
 
     def _token_text(self, token_id: int) -> str:
-        piece = self.sp.id_to_piece(token_id)
+        piece = str(self.sp.id_to_piece(token_id))
         if self.sp.is_byte(token_id):
             value = int(piece[3:-1], 16)
             return chr(value) if value < 0x80 else f"\\x{value:02x}"
