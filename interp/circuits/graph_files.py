@@ -43,7 +43,9 @@ NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]+")
 def neuronpedia_model_id(source: str) -> str:
     """Neuronpedia's model id for a model loaded from ``source`` (a hub id or a folder named like
     one: ``google/gemma-3-4b-it`` -> ``gemma-3-4b-it``, ``gemma-3-1b-pt`` -> ``gemma-3-1b``); ``""``
-    when the name is not a released Gemma 3."""
+    when the name is not a released Gemma 3. The ``demo`` model is Gemma 3 270M (pretrained)."""
+    if str(source) == "demo":
+        return "gemma-3-270m"
     name = Path(str(source).rstrip("/\\")).name.lower()
     found = re.search(r"gemma-3-(270m|1b|4b|12b|27b)(-it|-pt)?(?![a-z0-9])", name)
     if found is None:

@@ -214,11 +214,11 @@ def test_default_scan_is_the_models_neuronpedia_id(graph, tmp_path):
 
 
 def test_neuronpedia_model_ids():
-    assert neuronpedia_model_id("google/gemma-3-270m") == "gemma-3-270m"
+    assert neuronpedia_model_id("google/gemma-3-270m") == neuronpedia_model_id("demo") == "gemma-3-270m"
     assert neuronpedia_model_id("google/gemma-3-1b-pt") == "gemma-3-1b"
     assert neuronpedia_model_id("/data/models/gemma-3-4b-it/") == "gemma-3-4b-it"
     assert neuronpedia_model_id("google/gemma-3-27b-it-qat") == "gemma-3-27b-it"
-    for other in ("demo", "", "google/gemma-2-2b", "/tmp/weights", "gemma-3-1b1"):
+    for other in ("", "google/gemma-2-2b", "/tmp/weights", "gemma-3-1b1"):
         assert neuronpedia_model_id(other) == ""
     assert len(NEURONPEDIA_MODELS) == 10
 
