@@ -33,6 +33,7 @@ from ..model.runs import CacheTooLargeError, available_memory, format_bytes
 from ..progress import progress_bar
 from ..tokens import single_prompt, str_tokens, token_ids
 from .graph import Graph, Node
+from .graph_files import neuronpedia_model_id
 from .replacement import Targets, backward_rows, replacement_forward, resolve_transcoders, run_prompt, target_values
 
 
@@ -121,6 +122,7 @@ def attribution_graph(model: Gemma3, prompt: Prompt, transcoders: Sequence[Dicti
         with torch.enable_grad():  # also inside torch.no_grad(), as notebooks often run
             graph = _build(model, run, tcs, tokens, batch, max_bytes, progress)
         graph.bos_features = bos_features
+        graph.model_id = neuronpedia_model_id(getattr(model, "source", ""))
         return graph
     finally:
         model.train(was_training)

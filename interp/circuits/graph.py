@@ -78,7 +78,10 @@ class Graph:
     probability of each logit node's token; ``logit_error``: the largest difference between the
     replacement model's logits and the model's (fp32 rounding when the graph is exact).
     ``transcoders``: a name per transcoder (for exports); ``pruned``: set on a pruned graph;
-    ``bos_features``: whether features at a leading BOS token are nodes."""
+    ``bos_features``: whether features at a leading BOS token are nodes; ``model_id``: the
+    Neuronpedia id of the model it was made on (``gemma-3-270m``; ``""`` for other models);
+    ``cumulative_influence``: on a pruned graph, each node's cumulative influence in the unpruned
+    graph (:func:`~interp.circuits.prune.cumulative`; what graph files report)."""
 
     adjacency: torch.Tensor
     values: torch.Tensor
@@ -92,6 +95,8 @@ class Graph:
     transcoders: list[str] = field(default_factory=list)
     pruned: PruneInfo | None = None
     bos_features: bool = False
+    model_id: str = ""
+    cumulative_influence: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ structure
     def __len__(self) -> int:
@@ -156,8 +161,10 @@ class Graph:
     def subgraph(self, keep: torch.Tensor) -> Graph:
         """The graph restricted to the nodes in bool mask ``keep`` (edges among them kept)."""
         idx = keep.nonzero()[:, 0]
+        ranks = None if self.cumulative_influence is None else self.cumulative_influence[idx].clone()
         return replace(self, adjacency=self.adjacency[idx][:, idx].clone(), values=self.values[idx].clone(),
-                       constants=self.constants[idx].clone(), nodes=[self.nodes[int(i)] for i in idx])
+                       constants=self.constants[idx].clone(), nodes=[self.nodes[int(i)] for i in idx],
+                       cumulative_influence=ranks)
 
     # ------------------------------------------------------------------ analysis (see prune.py, view.py)
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
@@ -179,8 +186,8 @@ class Graph:
         return plot_graph(self, store=store, transcoders=transcoders, title=title, **kwargs)
 
     def to_neuronpedia(self, path: str | os.PathLike, slug: str, scan: str | None = None, **kwargs: Any) -> Path:
-        """See :func:`interp.circuits.view.to_neuronpedia`."""
-        from .view import to_neuronpedia
+        """See :func:`interp.circuits.graph_files.to_neuronpedia`."""
+        from .graph_files import to_neuronpedia
 
         return to_neuronpedia(self, path, slug, scan=scan, **kwargs)
 
@@ -193,9 +200,12 @@ class Graph:
         nodes = [[n.kind, n.layer, n.pos, n.index, n.label, n.activation] for n in self.nodes]
         meta = {"kind": "interp.AttributionGraph", "nodes": nodes, "tokens": self.tokens, "n_layers": self.n_layers,
                 "prompt": self.prompt, "logit_error": self.logit_error, "transcoders": self.transcoders,
-                "pruned": None if self.pruned is None else vars(self.pruned), "bos_features": self.bos_features}
+                "pruned": None if self.pruned is None else vars(self.pruned), "bos_features": self.bos_features,
+                "model_id": self.model_id}
         tensors = {"adjacency": self.adjacency.contiguous(), "values": self.values.contiguous(),
                    "constants": self.constants.contiguous(), "ids": self.ids.contiguous()}
+        if self.cumulative_influence is not None:
+            tensors["cumulative_influence"] = self.cumulative_influence.contiguous()
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={"graph": json.dumps(meta)})
         os.replace(tmp, path)
@@ -215,12 +225,15 @@ class Graph:
         nodes = [Node(kind, int(layer), int(pos), int(index), str(label), float(act))
                  for kind, layer, pos, index, label, act in meta["nodes"]]
         n = len(nodes)
-        if tuple(t["adjacency"].shape) != (n, n) or t["values"].shape[0] != n or t["constants"].shape[0] != n:
+        ranks = t.get("cumulative_influence")
+        if tuple(t["adjacency"].shape) != (n, n) or t["values"].shape[0] != n or t["constants"].shape[0] != n or (
+                ranks is not None and tuple(ranks.shape) != (n,)):
             raise ValueError(f"{path}: the tensors do not match its {n} nodes")
         pruned = None if meta.get("pruned") is None else PruneInfo(**meta["pruned"])
         return cls(t["adjacency"], t["values"], t["constants"], nodes, t["ids"], list(meta["tokens"]),
                    int(meta["n_layers"]), meta.get("prompt", ""), float(meta.get("logit_error", 0.0)),
-                   list(meta.get("transcoders", [])), pruned, bool(meta.get("bos_features", False)))
+                   list(meta.get("transcoders", [])), pruned, bool(meta.get("bos_features", False)),
+                   str(meta.get("model_id", "")), ranks)
 
     def __repr__(self) -> str:
         counts = {k: int(self.mask(k).sum()) for k in KINDS}

@@ -67,6 +67,22 @@ def influence(graph: Graph) -> torch.Tensor:
     return _propagate(normalized(graph.adjacency), logit_weights(graph))
 
 
+def cumulative(scores: torch.Tensor) -> torch.Tensor:
+    """Each node's cumulative influence: nodes sorted from the most influential, the running sum
+    over the total (circuit-tracer's ``influence`` field in graph files; 1.0 for nodes without
+    influence, 0 everywhere when nothing has any).
+
+    >>> cumulative(torch.tensor([1.0, 3.0, 0.0])).tolist()
+    [1.0, 0.75, 1.0]
+    """
+    order = scores.argsort(descending=True)
+    ranked = scores[order]
+    total = ranked.sum()
+    out = torch.zeros_like(scores)
+    out[order] = ranked.cumsum(0) / total if float(total) > 0 else torch.zeros_like(ranked)
+    return out
+
+
 def _keep_top(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Bool mask of the highest scores whose sum first reaches ``fraction`` of the total."""
     keep = torch.zeros_like(scores, dtype=torch.bool)
@@ -82,7 +98,9 @@ def _keep_top(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
     """The graph with its most influential nodes and edges (see the module docstring); its
-    ``pruned`` field records the thresholds and the fractions of influence kept.
+    ``pruned`` field records the thresholds and the fractions of influence kept, its
+    ``cumulative_influence`` each kept node's :func:`cumulative` influence in the unpruned graph
+    (what graph files report; a pruned graph pruned again keeps the first graph's).
 
     >>> g.prune(0.5, 0.9).pruned.node_influence_kept >= 0.5  # doctest: +SKIP
     True
@@ -116,8 +134,10 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
             break
     info = PruneInfo(node_threshold, edge_threshold, node_kept, edge_kept, len(graph),
                      int((graph.adjacency != 0).sum()))
+    full_rank = graph.cumulative_influence if graph.cumulative_influence is not None else cumulative(node_inf)
     out = graph.subgraph(keep)
     idx = keep.nonzero()[:, 0]
+    out.cumulative_influence = full_rank[idx].clone()  # the first unpruned graph's, for graph files
     out.adjacency = torch.where(edges[idx][:, idx], out.adjacency, torch.zeros_like(out.adjacency))
     out.pruned = info
     return out
@@ -139,4 +159,4 @@ def graph_scores(graph: Graph) -> tuple[float, float]:
     return replacement, completeness
 
 
-__all__ = ["influence", "prune", "graph_scores", "normalized", "logit_weights"]
+__all__ = ["influence", "prune", "graph_scores", "normalized", "logit_weights", "cumulative"]

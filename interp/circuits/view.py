@@ -1,5 +1,5 @@
-"""Look at an attribution graph: a plotly view for Jupyter, and the JSON that Neuronpedia's graph
-viewer (and circuit-tracer's local server) reads.
+"""Look at an attribution graph: a plotly view for Jupyter (the JSON that Neuronpedia's graph
+viewer and circuit-tracer's local viewer read is written by :mod:`interp.circuits.graph_files`).
 
 The view puts token positions across and layers up (token embeddings at the bottom, the logits
 at the top); a node's size is its influence on the logits, an edge's colour its sign (blue
@@ -11,18 +11,15 @@ transcoders, the contexts where it fires most.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
-import torch
 
 from ..display import figure
 from ..plots import escape_text, escape_token
 from .graph import Graph, Node
+from .graph_files import to_neuronpedia
 from .prune import influence, normalized, prune
 
 COLORS = {"embedding": "#6c757d", "feature": "#2a9d8f", "error": "#adb5bd", "logit": "#e9c46a"}
@@ -150,67 +147,6 @@ def plot_graph(graph: Graph, store: Any = None, transcoders: Any = None, title: 
         yaxis={"tickmode": "array", "tickvals": list(range(-1, g.n_layers + 1)), "ticktext": rows},
         plot_bgcolor="white", legend={"orientation": "h", "y": -0.25}, hoverlabel={"align": "left"})
     return fig
-
-
-def _node_record(n: Node, n_layers: int, influence_rank: float, target: bool) -> dict[str, Any]:
-    if n.kind == "feature":
-        ident, js = f"{n.layer}_{n.index}_{n.pos}", f"{n.layer}_{n.index}-0"
-        feature, layer, ftype = (n.layer + n.index) * (n.layer + n.index + 1) // 2 + n.index, str(n.layer), \
-            "cross layer transcoder"
-    elif n.kind == "error":
-        ident, js, feature, layer, ftype = (f"{n.layer}_-1_{n.pos}", f"{n.layer}_-1-{n.pos}", -1, str(n.layer),
-                                            "mlp reconstruction error")
-    elif n.kind == "embedding":
-        ident, js, feature, layer, ftype = f"E_{n.index}_{n.pos}", f"E_{n.index}-{n.pos}", n.pos, "E", "embedding"
-    else:
-        layer = str(n_layers + 1)
-        ident, js, feature, ftype = f"{layer}_{n.index}_{n.pos}", f"L_{n.index}-{n.pos}", n.index, "logit"
-    record: dict[str, Any] = {"node_id": ident, "feature": feature, "layer": layer, "ctx_idx": n.pos,
-                              "feature_type": ftype, "token_prob": n.activation if n.kind == "logit" else 0.0,
-                              "is_target_logit": target, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": js,
-                              "clerp": "", "influence": influence_rank,
-                              "activation": n.activation if n.kind == "feature" else None}
-    if n.kind == "logit":
-        record["clerp"] = f"Output {n.label.removeprefix('logit ')} (p={n.activation:.3f})"
-    return record
-
-
-def to_neuronpedia(graph: Graph, path: str | os.PathLike, slug: str, scan: str | None = None,
-                   node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Path:
-    """Write ``{path}/{slug}.json`` in the graph format of Neuronpedia's viewer (circuit-tracer's
-    schema: ``metadata``, ``qParams``, ``nodes``, ``links``) and add it to
-    ``{path}/graph-metadata.json``. ``scan`` names the transcoder set (default: the model's
-    transcoders' sites). An unpruned graph is pruned first. Returns the JSON file.
-    """
-    if not slug or any(c in slug for c in "/\\") or slug.startswith("."):
-        raise ValueError(f"slug {slug!r} must be a plain file name (no slashes), e.g. 'france-capital'")
-    g = graph if graph.pruned is not None else prune(graph, node_threshold, edge_threshold)
-    inf = influence(g)
-    order = inf.argsort(descending=True)
-    total = float(inf.sum()) or 1.0
-    rank = torch.zeros(len(g))
-    rank[order] = inf[order].cumsum(0) / total  # cumulative influence, as circuit-tracer reports it
-    first_logit = next((i for i, n in enumerate(g.nodes) if n.kind == "logit"), -1)
-    nodes = [_node_record(n, g.n_layers, float(rank[i]), i == first_logit) for i, n in enumerate(g.nodes)]
-    nz = g.adjacency.nonzero()
-    links = [{"source": nodes[int(s)]["node_id"], "target": nodes[int(t)]["node_id"],
-              "weight": float(g.adjacency[t, s])} for t, s in nz]
-    meta = {"slug": slug, "scan": scan or "interp-" + "-".join(g.transcoders)[:80], "transcoder_list": g.transcoders,
-            "prompt_tokens": g.tokens, "prompt": g.prompt, "node_threshold": g.pruned.node_threshold if g.pruned
-            else node_threshold, "schema_version": 1}
-    doc = {"metadata": meta, "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
-                                         "sg_pos": ""}, "nodes": nodes, "links": links}
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"{slug}.json"
-    tmp = folder / f".{slug}.json.partial"
-    tmp.write_text(json.dumps(doc), encoding="utf-8")
-    os.replace(tmp, out)
-    index = folder / "graph-metadata.json"
-    listed = json.loads(index.read_text(encoding="utf-8")).get("graphs", []) if index.is_file() else []
-    listed = [m for m in listed if m.get("slug") != slug] + [meta]
-    index.write_text(json.dumps({"graphs": listed}, indent=1), encoding="utf-8")
-    return out
 
 
 __all__ = ["plot_graph", "to_neuronpedia"]

@@ -5,9 +5,6 @@ a global layer, skip transcoders, a layer without a transcoder) and on the demo 
 
 from __future__ import annotations
 
-import json
-import re
-
 import pytest
 import torch
 from support import SCRIPT, TINY, FakeTokenizer, make_model
@@ -183,28 +180,6 @@ def test_save_and_load_round_trip(graph, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not an attribution graph"):
         Graph.load(tmp_path / "other.safetensors")
-
-
-def test_neuronpedia_json(graph, tmp_path):
-    out = graph.to_neuronpedia(tmp_path, "tiny-graph", scan="tiny")
-    doc = json.loads(out.read_text())
-    assert set(doc) == {"metadata", "qParams", "nodes", "links"}
-    assert doc["metadata"]["slug"] == "tiny-graph" and doc["metadata"]["prompt_tokens"][2] == SCRIPT
-    ids = [n["node_id"] for n in doc["nodes"]]
-    assert len(ids) == len(set(ids))
-    assert all(link["source"] in ids and link["target"] in ids for link in doc["links"])
-    kinds = {n["feature_type"] for n in doc["nodes"]}
-    assert kinds == {"embedding", "cross layer transcoder", "mlp reconstruction error", "logit"}
-    feat = next(n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder")
-    assert re.fullmatch(r"\d+_\d+_\d+", feat["node_id"]) and feat["activation"] > 0
-    logits = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
-    assert sum(n["is_target_logit"] for n in logits) == 1 and all(n["layer"] == str(TINY.n_layers + 1) for n in logits)
-    meta = json.loads((tmp_path / "graph-metadata.json").read_text())
-    assert [m["slug"] for m in meta["graphs"]] == ["tiny-graph"]
-    graph.to_neuronpedia(tmp_path, "tiny-graph")  # a rewrite replaces its entry
-    assert len(json.loads((tmp_path / "graph-metadata.json").read_text())["graphs"]) == 1
-    with pytest.raises(ValueError, match="plain file name"):
-        graph.to_neuronpedia(tmp_path, "../escape")
 
 
 def test_plot_escapes_tokens_and_sizes_by_influence(graph):
