@@ -178,7 +178,11 @@ class CrossLayerTranscoder(nn.Module):
 
     def decoder_rows(self, layer: int, features: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``[len(features), n_layers - layer, d_model]``: the chosen features' decoder vectors to
-        every output layer from ``layer`` on (what an attribution graph needs per active feature)."""
+        every output layer from ``layer`` on (what an attribution graph needs per active feature).
+
+        >>> CrossLayerTranscoder.random(4, 8, 16).decoder_rows(1, [3, 5]).shape
+        torch.Size([2, 3, 8])
+        """
         i = self._check_layer(layer)
         idx = torch.as_tensor(features, dtype=torch.long).flatten()
         if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.widths[i]):

@@ -138,7 +138,17 @@ def load_clt(folder: Path, config: dict[str, Any], *, lazy: bool = True,
 
 
 def save_clt(clt: CrossLayerTranscoder, folder: Any) -> Path:
-    """Write ``clt`` in Gemma Scope 2's ``clt/`` layout (float32 files; ``w_dec``'s unused entries zero)."""
+    """Write ``clt`` in Gemma Scope 2's ``clt/`` layout (float32 files; ``w_dec``'s unused entries zero).
+
+    >>> import tempfile
+    >>> folder = save_clt(CrossLayerTranscoder.random(3, 8, [4, 5, 6]), tempfile.mkdtemp())
+    >>> [p.name for p in clt_files(folder)]
+    ['params_layer_0.safetensors', 'params_layer_1.safetensors', 'params_layer_2.safetensors']
+    >>> check_clt_folder(folder, {"width": 15})[1]
+    {'widths': [4, 5, 6], 'd_model': 8, 'skip': False}
+    >>> load_clt(folder, {}, lazy=False).widths
+    [4, 5, 6]
+    """
     from safetensors.torch import save_file
 
     out = Path(folder)

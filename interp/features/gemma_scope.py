@@ -44,7 +44,11 @@ def is_gemma_scope(path: Path) -> bool:
 
 
 def check_config(config: dict[str, Any], path: Path) -> str | None:
-    """Refuse a Gemma Scope 2 ``config.json`` setting this reader does not apply; return its ``type``."""
+    """Refuse a Gemma Scope 2 ``config.json`` setting this reader does not apply; return its ``type``.
+
+    >>> check_config({"type": "clt", "architecture": "jump_relu", "width": 262080}, Path("config.json"))
+    'clt'
+    """
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise DictionaryFileError(f"{path}: unknown setting(s) {unknown}; this reader applies {list(CONFIG_KEYS)}. "

@@ -145,7 +145,16 @@ def clt_hooks(clt: CrossLayerTranscoder, *, features: dict[str, torch.Tensor] | 
               steer: Mapping[Any, float] | None = None, positions: Any = None) -> list[tuple[str, Hook]]:
     """Hooks running a cross-layer transcoder (see :func:`dictionary_hooks`): layer ``i``'s MLP
     input is encoded into ``f_i``; MLP output ``o`` becomes ``sum_{i<=o} f_i @ W_dec_i[:, o] + b_dec_o``
-    (+ the skip term) when spliced, and moves by the edited features' decoder vectors when edited."""
+    (+ the skip term) when spliced, and moves by the edited features' decoder vectors when edited.
+
+    >>> from interp.model import Gemma3, Gemma3Config
+    >>> m = Gemma3.from_config(Gemma3Config(n_layers=2, d_model=8, d_mlp=16, n_heads=1, n_kv_heads=1, d_head=8,
+    ...                                     vocab_size=20))
+    >>> clt = CrossLayerTranscoder.random(2, 8, 16)
+    >>> check_fits(clt, m)
+    >>> [name for name, _ in clt_hooks(clt, splice=True, ablate=[(0, 3)])]
+    ['blocks.0.pre_mlp_norm', 'blocks.1.pre_mlp_norm', 'blocks.0.post_mlp_norm', 'blocks.1.post_mlp_norm']
+    """
     edits: dict[int, list[tuple[int, float]]] = {}
     for key in ablate:
         layer, index = _clt_feature(clt, key)

@@ -79,3 +79,20 @@ def test_a_store_without_every_layer_is_refused(model, store, tmp_path):
         evaluate(model, clt, partial, progress=False)
     with pytest.raises(TypeError, match="evaluate a CLT alone"):
         compare_dictionaries(model, [clt], store, ce=False, progress=False)
+
+
+@pytest.mark.slow
+def test_a_clt_of_the_270m_shape_splices_into_the_demo_model_as_the_published_math(demo_model, tmp_path):
+    """The real Gemma 3 270M (18 layers, d_model 640) with a narrow CLT in the released layout,
+    read through Hugging Face hook names: the spliced logits equal the math done by hand."""
+    from test_gemma_scope2 import hand_clt_hooks, write_clt
+
+    cfg = demo_model.cfg
+    folder = tmp_path / "clt" / "width_576_l0_big_affine"
+    layers = write_clt(folder, cfg.n_layers, cfg.d_model, [32] * cfg.n_layers, True)
+    clt = CrossLayerTranscoder.load(folder, model=demo_model)
+    ids = torch.tensor([[2, 651, 6037, 576, 9405, 603]])
+    from interp.features import run_with_dictionaries
+
+    logits, _ = run_with_dictionaries(demo_model, ids, [clt], splice=True)
+    assert torch.equal(logits, demo_model.run_with_hooks(ids, hand_clt_hooks(layers, True)))
