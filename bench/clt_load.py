@@ -7,7 +7,8 @@ subprocess so that peaks do not mix, measures
 
 - **load**: ``CrossLayerTranscoder.load(folder, lazy=..., dtype=...)`` wall time, and
 - **first use**: encoding 8 tokens at every layer and decoding every MLP output from them,
-- **peak RSS** of the process (``ru_maxrss``) after both, and the RSS before loading.
+- **peak RSS** of the process (``VmHWM``: it counts the file pages a memory map touched, which
+  the kernel can drop) and the memory it **owns** (``RssAnon``) before loading and after both.
 
 The files were just written, so they sit in the page cache (a warm read; a cold read from disk
 is slower for the eager load, and for lazy first use). ``--clt-layers``/``--clt-width`` shrink it
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -59,12 +59,21 @@ def write_folder(folder: Path, n_layers: int, d_model: int, width: int, seed: in
     return total / 1e9
 
 
+def _status(field: str) -> float:
+    """A ``/proc/self/status`` memory field in GB (VmHWM: peak RSS of this process image, reset by
+    exec unlike ``ru_maxrss``; RssAnon: memory the process owns, not file pages it maps)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1e6
+    raise KeyError(field)
+
+
 def measure(folder: str, lazy: bool, dtype: str) -> dict:
-    """In this process: load, first use, peak RSS (GB)."""
+    """In this process: load, first use, peak RSS and owned memory (GB)."""
     from interp.features import CrossLayerTranscoder
 
     torch.set_num_threads(1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    before = _status("RssAnon")
     t0 = time.perf_counter()
     clt = CrossLayerTranscoder.load(folder, lazy=lazy, dtype=getattr(torch, dtype))
     loaded = time.perf_counter() - t0
@@ -73,8 +82,8 @@ def measure(folder: str, lazy: bool, dtype: str) -> dict:
     with torch.inference_mode():
         clt(xs)
     used = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    return {"load_s": loaded, "use_s": used, "peak_gb": peak, "before_gb": before}
+    return {"load_s": loaded, "use_s": used, "peak_gb": _status("VmHWM"), "anon_gb": _status("RssAnon"),
+            "before_gb": before}
 
 
 def clt_load_table(layers: int = LAYERS_270M, width: int = WIDTH_270M, d_model: int = D_MODEL_270M,
@@ -85,8 +94,8 @@ def clt_load_table(layers: int = LAYERS_270M, width: int = WIDTH_270M, d_model: 
         gb = write_folder(root / "clt", layers, d_model, width)
         lines = [f"CLT: {layers} layers, d_model {d_model}, {width // layers * layers:,} features, {gb:.2f} GB of "
                  f"float32 files (written in {time.perf_counter() - t0:.0f} s; warm page cache).", "",
-                 "| mode | dtype | load (s) | first use: 8 tokens, all layers (s) | peak RSS (GB) | RSS before (GB) |",
-                 "|---|---|---:|---:|---:|---:|"]
+                 "| mode | dtype | load (s) | first use: 8 tokens, all layers (s) | peak RSS (GB) | owned after "
+                 "(GB) | owned before load (GB) |", "|---|---|---:|---:|---:|---:|---:|"]
         for dtype in dtypes:
             for lazy in (True, False):
                 out = subprocess.run([sys.executable, "-m", "bench.clt_load", "--measure", str(root / "clt"),
@@ -98,7 +107,7 @@ def clt_load_table(layers: int = LAYERS_270M, width: int = WIDTH_270M, d_model: 
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 lines.append(f"| {'lazy' if lazy else 'eager'} | {dtype} | {r['load_s']:.3f} | {r['use_s']:.3f} | "
-                             f"{r['peak_gb']:.2f} | {r['before_gb']:.2f} |")
+                             f"{r['peak_gb']:.2f} | {r['anon_gb']:.2f} | {r['before_gb']:.2f} |")
         return "\n".join(lines)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -79,6 +79,7 @@ class CrossLayerTranscoder(nn.Module):
                     raise ValueError(f"layer {i}: {k} has shape {tuple(t.shape)}, expected {want[k]} "
                                      "(W_dec_i is [w_i, n_layers - i, d_model]: outputs from layer i on)")
         self.files = list(files) if files is not None else None
+        self._maps: list[Any] | None = None
         self.lazy = files is not None
         self._dtype = torch.float32
         self._device = torch.device("cpu")
@@ -150,12 +151,18 @@ class CrossLayerTranscoder(nn.Module):
 
     # ------------------------------------------------------------------ weights, per layer
     def _read(self, layer: int, key: str, index: Any = None) -> torch.Tensor:
+        """``key[index]`` of layer ``layer``'s file, read from its memory map (only the pages the
+        index touches), in the CLT's dtype and on its device."""
         assert self.files is not None
-        from safetensors import safe_open
+        from .clt_files import mmap_tensors
 
-        with safe_open(str(self.files[layer]), framework="pt", device="cpu") as f:
-            t = f.get_tensor(key) if index is None else f.get_slice(key)[index]
-        return t.to(device=self._device, dtype=self._dtype)
+        if self._maps is None:
+            self._maps = [None] * self.n_layers
+        if self._maps[layer] is None:
+            self._maps[layer] = mmap_tensors(self.files[layer])
+        t = self._maps[layer][key]
+        t = t if index is None else t[index]
+        return t.to(device=self._device, dtype=self._dtype, copy=True)
 
     def encoder(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(W_enc [d_model, w], b_enc [w], threshold [w])`` of layer ``layer``."""
@@ -172,7 +179,7 @@ class CrossLayerTranscoder(nn.Module):
         if o < i:
             raise ValueError(f"layer {i}'s features write to MLP outputs {i}..{self.n_layers - 1}, not {o}")
         if self.lazy:
-            return self._read(i, "w_dec", (slice(None), slice(o, o + 1)))[:, 0]
+            return self._read(i, "w_dec", (slice(None), o))
         assert self.W_dec is not None
         return self.W_dec[i][:, o - i]
 
@@ -188,8 +195,7 @@ class CrossLayerTranscoder(nn.Module):
         if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.widths[i]):
             raise IndexError(f"layer {i} has {self.widths[i]} features; got indices {idx.tolist()[:8]}")
         if self.lazy:
-            rows = [self._read(i, "w_dec", (slice(f, f + 1), slice(i, None)))[0] for f in idx.tolist()]
-            return torch.stack(rows) if rows else torch.empty(0, self.n_layers - i, self.d_model, dtype=self._dtype)
+            return self._read(i, "w_dec", (idx, slice(i, None)))
         assert self.W_dec is not None
         return self.W_dec[i][idx.to(self._device)]
 
@@ -332,9 +338,10 @@ class CrossLayerTranscoder(nn.Module):
                                               f"matches {len(found)}")
                 names.append(found[0])
             resolved[attr] = names
-        for a, b in zip(resolved["sites_in"], resolved["sites_out"]):
-            if int(a.split(".")[1]) != int(b.split(".")[1]):
-                raise DictionaryFileError(f"layer sites disagree: {a} and {b}")
+        for i, (a, b) in enumerate(zip(resolved["sites_in"], resolved["sites_out"])):
+            if not (a.startswith(f"blocks.{i}.") and b.startswith(f"blocks.{i}.")):
+                raise DictionaryFileError(f"layer {i} of the CLT resolves to {a} -> {b}, not layer {i}'s sites: "
+                                          "spell site/site_out with {layer} (e.g. 'blocks.{layer}.pre_mlp_norm')")
         self.sites_in, self.sites_out = resolved["sites_in"], resolved["sites_out"]
 
 

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .clt import SITE_IN, SITE_OUT, CrossLayerTranscoder
@@ -22,6 +23,36 @@ from .files import DictionaryFileError, hf_hook
 
 LAYER_FILE = re.compile(r"^params_layer_(\d+)\.safetensors$")
 CLT_KEYS = ("w_enc", "b_enc", "threshold", "w_dec", "b_dec")
+
+
+_NP_DTYPES = {"F64": (np.float64, None), "F32": (np.float32, None), "F16": (np.float16, None),
+              "BF16": (np.uint16, torch.bfloat16)}
+
+
+def mmap_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a zero-copy view of the memory-mapped file (keys
+    lower-cased): indexing one reads only the pages it touches. Copy-on-write, so the file is
+    never changed."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _NP_DTYPES:
+            raise DictionaryFileError(f"{path}: {key} is stored as {info['dtype']}; CLT weights are read as "
+                                      f"{sorted(_NP_DTYPES)}")
+        np_dtype, view = _NP_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end == start:
+            t = torch.zeros(shape, dtype=view or torch.from_numpy(np.zeros(0, np_dtype)).dtype)
+        else:
+            t = torch.from_numpy(np.memmap(path, dtype=np_dtype, mode="c", offset=8 + n + start, shape=shape))
+            t = t.view(view) if view is not None else t
+        out[key.lower()] = t
+    return out
 
 
 def clt_files(folder: Path) -> list[Path]:

@@ -52,9 +52,10 @@ def _token_mask(x: torch.Tensor, site: Site, positions: Any) -> torch.Tensor | N
     return positions_mask(positions, total)[held].to(x.device)[None, :, None]
 
 
-def dictionary_hooks(d: Dictionary, *, features: dict[str, torch.Tensor] | None = None, splice: bool = False,
-                     keep_error: bool = False, ablate: Sequence[int] = (), clamp: Mapping[int, float] | None = None,
-                     steer: Mapping[int, float] | None = None, positions: Any = None) -> list[tuple[str, Hook]]:
+def dictionary_hooks(d: Dictionary | CrossLayerTranscoder, *, features: dict[str, torch.Tensor] | None = None,
+                     splice: bool = False, keep_error: bool = False, ablate: Sequence[Any] = (),
+                     clamp: Mapping[Any, float] | None = None, steer: Mapping[Any, float] | None = None,
+                     positions: Any = None) -> list[tuple[str, Hook]]:
     """Hooks that run dictionary ``d`` in the model (sites resolved already, e.g. by :func:`check_fits`).
 
     ``features`` (a dict) receives the activations ``[..., d_sae]`` under ``d.site``. ``ablate``
@@ -211,12 +212,13 @@ def clt_hooks(clt: CrossLayerTranscoder, *, features: dict[str, torch.Tensor] | 
     return hooks
 
 
-def run_with_dictionaries(model: Any, prompt: Any, dictionaries: Sequence[Dictionary], *, splice: bool = False,
-                          keep_error: bool = False, ablate: Mapping[int, Sequence[int]] | None = None,
-                          clamp: Mapping[int, Mapping[int, float]] | None = None,
-                          steer: Mapping[int, Mapping[int, float]] | None = None, positions: Any = None,
+def run_with_dictionaries(model: Any, prompt: Any, dictionaries: Sequence[Dictionary | CrossLayerTranscoder], *,
+                          splice: bool = False, keep_error: bool = False,
+                          ablate: Mapping[int, Sequence[Any]] | None = None,
+                          clamp: Mapping[int, Mapping[Any, float]] | None = None,
+                          steer: Mapping[int, Mapping[Any, float]] | None = None, positions: Any = None,
                           **kwargs: Any) -> tuple[torch.Tensor, ActivationCache]:
-    """Run ``model`` with ``dictionaries`` (SAEs, transcoders or cross-layer transcoders) reading their sites; returns
+    """Run ``model`` with ``dictionaries`` (SAEs, transcoders, cross-layer transcoders) reading their sites; returns
     ``(logits, feature activations by site)``. ``splice``/``keep_error`` as in
     :func:`dictionary_hooks`; ``ablate``, ``clamp`` and ``steer`` are keyed by the dictionary's
     index in ``dictionaries`` (e.g. ``steer={0: {123: 4.0}}``). Other keywords go to ``forward``.
