@@ -18,6 +18,11 @@ The weights live either in memory (``lazy=False``) or in the memory-mapped files
 (``lazy=True``): then each use reads just the slices it needs (:meth:`encoder`, :meth:`decoder`,
 :meth:`decoder_rows`), in the CLT's dtype, so a CLT larger than RAM still runs.
 
+What fits where (float32 files; in memory an eager CLT drops the unused decoder half): the
+Gemma 3 270M CLT is 12.7 GB of files, 7.0 GB eager in float32, 3.5 GB in bfloat16; the 1B CLT
+about 31 GB of files, 17.5 GB eager in float32, 8.8 GB in bfloat16. Lazy holds none of it (the
+page cache does), at the price of reading every decoder slice on each forward (``bench.clt_load``).
+
 >>> import torch
 >>> clt = CrossLayerTranscoder.random(n_layers=3, d_model=8, widths=16, seed=0)
 >>> xs = [torch.randn(2, 8) for _ in range(3)]
