@@ -33,6 +33,9 @@ with random dictionaries (``JumpReLUSAE.random``, ``TopKSAE.random``, ``Transcod
    (``ce=False``) and with the cross-entropy of the spliced model on ``--eval-ce-tokens`` tokens.
 5. **The demo transcoders' quality** (the ones notebooks 07 and 08 use; trained and cached on
    first use): L0, FVU, dead/dense features and CE loss recovered per layer of the demo model.
+6. **Loading a cross-layer transcoder** (only with ``--clt``: it writes about 12.6 GB): a CLT of
+   the released Gemma 3 270M size in Gemma Scope 2's layout, eager against lazy (memory-mapped),
+   load time, first use and peak memory; see :mod:`bench.clt_load`.
 
 Time: interleaved rounds where contenders are compared (part 1), else ``--repeats`` calls and
 the median; everything under ``torch.inference_mode`` except training.
@@ -365,6 +368,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default=None, help="where to write the store (default: a temporary directory)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clt", action="store_true", help="also run part 6 (CLT loading; writes ~12.6 GB)")
     args = parser.parse_args(argv)
     if args.train_steps < 2:
         parser.error("--train-steps must be at least 2 (the first step is subtracted as setup)")
@@ -382,6 +386,10 @@ def main(argv=None) -> None:
     model = Gemma3.from_config(cfg, seed=args.seed, device=args.device, tokenizer=tok)
     print(f"Model: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, fp32, random weights, "
           f"{args.device}. Tokenizer: {tok_label}.\n")
+    if args.clt:
+        from bench.clt_load import clt_load_table
+
+        print(clt_load_table(workdir=args.workdir) + "\n")
     if "splice" not in skip:
         with torch.inference_mode():
             print(splice_table(args, model) + "\n")

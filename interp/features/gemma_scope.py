@@ -4,6 +4,13 @@ A folder holds ``params.safetensors`` or ``params.npz`` (keys ``w_enc [d_in, d_s
 ``w_dec [d_sae, d_out]``, ``b_enc``, ``b_dec``, ``threshold``, and for a skip transcoder
 ``affine_skip_connection [d_in, d_out]``) and a ``config.json`` naming the Hugging Face hook
 points (``hf_hook_point_in``, ``hf_hook_point_out``). npz files are read with ``allow_pickle=False``.
+
+Gemma Scope 2's ``config.json`` keys (each applied or checked; any other key is an error naming it):
+``hf_hook_point_in``/``_out``, ``width`` (checked against the tensors), ``model_name``,
+``architecture`` (only ``jump_relu``), ``l0`` (a label), ``affine_connection`` (checked against
+``affine_skip_connection`` in the file) and ``type``: ``sae`` (reads and writes one site),
+``transcoder``, ``clt`` (a ``clt/`` folder of ``params_layer_{i}.safetensors``, see
+:mod:`.clt_files`) or ``crosscoder`` (refused: no published reference fixes its math).
 """
 
 from __future__ import annotations
@@ -13,26 +20,66 @@ from typing import Any
 
 import torch
 
+from .clt_files import LAYER_FILE, load_clt
 from .dictionary import Dictionary, JumpReLUSAE, Transcoder
 from .files import DictionaryFileError, hf_hook, read_json, read_tensors
 
 GEMMA_SCOPE_FILES = ("params.safetensors", "params.npz")
+GEMMA_SCOPE_PATTERNS = (*GEMMA_SCOPE_FILES, "params_layer_*.safetensors", "config.json")
+CONFIG_KEYS = ("hf_hook_point_in", "hf_hook_point_out", "width", "model_name", "architecture", "l0",
+               "affine_connection", "type", "hook_point", "site")
+TYPES = ("sae", "transcoder", "clt", "crosscoder")
+
+
+def _is_clt_folder(path: Path) -> bool:
+    return path.is_dir() and any(LAYER_FILE.match(p.name) for p in path.iterdir())
 
 
 def is_gemma_scope(path: Path) -> bool:
-    """Whether ``path`` is a file (read as a Gemma Scope params file) or a folder holding one."""
+    """Whether ``path`` is a file (read as a Gemma Scope params file) or a folder holding one (or a
+    CLT's or crosscoder's ``params_layer_{i}.safetensors``)."""
     if path.is_file():
         return True
-    return any((path / f).is_file() for f in GEMMA_SCOPE_FILES)
+    return any((path / f).is_file() for f in GEMMA_SCOPE_FILES) or _is_clt_folder(path)
 
 
-def load_gemma_scope(path: Path) -> Dictionary:
-    """Read one Gemma Scope folder (or its params file, with the ``config.json`` beside it)."""
+def check_config(config: dict[str, Any], path: Path) -> str | None:
+    """Refuse a Gemma Scope 2 ``config.json`` setting this reader does not apply; return its ``type``.
+
+    >>> check_config({"type": "clt", "architecture": "jump_relu", "width": 262080}, Path("config.json"))
+    'clt'
+    """
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise DictionaryFileError(f"{path}: unknown setting(s) {unknown}; this reader applies {list(CONFIG_KEYS)}. "
+                                  "Remove the key if it does not change the math, or ask for it to be supported")
+    arch = config.get("architecture")
+    if arch is not None and arch not in ("jump_relu", "jumprelu"):
+        raise DictionaryFileError(f"{path}: architecture={arch!r} is not supported; Gemma Scope 2 releases "
+                                  "'jump_relu' dictionaries only")
+    kind = config.get("type")
+    if kind is not None and kind not in TYPES:
+        raise DictionaryFileError(f"{path}: type={kind!r} is unknown; expected one of {list(TYPES)}")
+    if kind == "crosscoder":
+        raise DictionaryFileError(f"{path}: type='crosscoder' (several layers' residual streams in, every one out) "
+                                  "is refused: no published reference (Google's release notes or code, SAELens, "
+                                  "circuit-tracer) fixes how its per-layer tensors combine, and this toolkit does "
+                                  "not guess. Use the single-layer SAEs or the CLT of the same release")
+    return kind
+
+
+def load_gemma_scope(path: Path, *, lazy: bool = True) -> Any:
+    """Read one Gemma Scope folder (or its params file, with the ``config.json`` beside it): a
+    :class:`Dictionary`, or for a CLT folder a :class:`CrossLayerTranscoder` (``lazy``: memory-mapped)."""
     folder = path if path.is_dir() else path.parent
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    kind = check_config(config, folder / "config.json")
+    if kind == "clt" or (kind is None and _is_clt_folder(folder) and path.is_dir()):
+        return load_clt(folder, config, lazy=lazy)
     files = [path] if path.is_file() else [folder / f for f in GEMMA_SCOPE_FILES if (folder / f).is_file()]
     if not files:
-        raise DictionaryFileError(f"{path} holds no Gemma Scope dictionary: expected one of {GEMMA_SCOPE_FILES}")
-    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        raise DictionaryFileError(f"{path} holds no Gemma Scope dictionary: expected one of {GEMMA_SCOPE_FILES}"
+                                  f"{' (config.json says type=' + repr(kind) + ')' if kind else ''}")
     return _from_gemma_scope(read_tensors(files[0]), config, files[0])
 
 
@@ -51,10 +98,25 @@ def _from_gemma_scope(tensors: dict[str, torch.Tensor], config: dict[str, Any], 
                or hf_hook(config.get("site")))
     site_out = hf_hook(config.get("hf_hook_point_out"))
     skip = {k.lower(): v for k, v in tensors.items()}.get("affine_skip_connection")
-    if site_out is not None or skip is not None:
+    kind, affine, width = config.get("type"), config.get("affine_connection"), config.get("width")
+    if affine is not None and bool(affine) != (skip is not None):
+        raise DictionaryFileError(f"{path}: config.json says affine_connection={affine!r} but the file "
+                                  f"{'holds' if skip is not None else 'lacks'} affine_skip_connection; the config "
+                                  "and the tensors must agree (re-download the folder)")
+    if width is not None and width != t["w_enc"].shape[1]:
+        raise DictionaryFileError(f"{path}: config.json says width={width!r} but w_enc has {t['w_enc'].shape[1]} "
+                                  "features; the config and the tensors must agree (re-download the folder)")
+    if kind == "sae":
+        if skip is not None or (site_out is not None and site_in is not None and site_out != site_in):
+            what = ("holds affine_skip_connection" if skip is not None
+                    else f"writes {site_out!r}, not the {site_in!r} it reads")
+            raise DictionaryFileError(f"{path}: config.json says type='sae' but the file {what}; an SAE writes what "
+                                      "it reads. Fix the type ('transcoder') or the file")
+        return JumpReLUSAE(t["w_enc"], t["w_dec"], t["b_enc"], t["b_dec"], threshold=t["threshold"], site=site_in)
+    if kind == "transcoder" or (site_out is not None and site_out != site_in) or skip is not None:
         return Transcoder(t["w_enc"], t["w_dec"], t["b_enc"], t["b_dec"], threshold=t["threshold"],
                           W_skip=None if skip is None else skip.float(), site=site_in, site_out=site_out)
     return JumpReLUSAE(t["w_enc"], t["w_dec"], t["b_enc"], t["b_dec"], threshold=t["threshold"], site=site_in)
 
 
-__all__ = ["GEMMA_SCOPE_FILES", "is_gemma_scope", "load_gemma_scope"]
+__all__ = ["GEMMA_SCOPE_FILES", "GEMMA_SCOPE_PATTERNS", "is_gemma_scope", "load_gemma_scope", "check_config"]

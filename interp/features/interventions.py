@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..hooks import ActivationCache, Site, positions_mask
+from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary, JumpReLUSAE
 from .io import check_fits
 
@@ -51,16 +52,24 @@ def _token_mask(x: torch.Tensor, site: Site, positions: Any) -> torch.Tensor | N
     return positions_mask(positions, total)[held].to(x.device)[None, :, None]
 
 
-def dictionary_hooks(d: Dictionary, *, features: dict[str, torch.Tensor] | None = None, splice: bool = False,
-                     keep_error: bool = False, ablate: Sequence[int] = (), clamp: Mapping[int, float] | None = None,
-                     steer: Mapping[int, float] | None = None, positions: Any = None) -> list[tuple[str, Hook]]:
+def dictionary_hooks(d: Dictionary | CrossLayerTranscoder, *, features: dict[str, torch.Tensor] | None = None,
+                     splice: bool = False, keep_error: bool = False, ablate: Sequence[Any] = (),
+                     clamp: Mapping[Any, float] | None = None, steer: Mapping[Any, float] | None = None,
+                     positions: Any = None) -> list[tuple[str, Hook]]:
     """Hooks that run dictionary ``d`` in the model (sites resolved already, e.g. by :func:`check_fits`).
 
     ``features`` (a dict) receives the activations ``[..., d_sae]`` under ``d.site``. ``ablate``
     (feature indices) sets features to 0, ``clamp`` ({feature: value}) to a value, ``steer``
     ({feature: scale}) adds ``scale * W_dec[feature]`` to the output; all only at ``positions``
     (the position rule of :mod:`interp.hooks.positions`; default every token).
+
+    A :class:`CrossLayerTranscoder` reads every layer's MLP input and writes every MLP output; its
+    features are addressed ``(layer, index)`` (``ablate=[(3, 17)]``, ``steer={(3, 17): 4.0}``) and
+    ``features`` receives each layer's activations under that layer's input site.
     """
+    if isinstance(d, CrossLayerTranscoder):
+        return clt_hooks(d, features=features, splice=splice, keep_error=keep_error, ablate=ablate, clamp=clamp,
+                         steer=steer, positions=positions)
     if d.site is None:
         raise ValueError("this dictionary names no site; set .site (e.g. 'blocks.6.resid_post')")
     clamp = dict(clamp or {})
@@ -122,12 +131,94 @@ def dictionary_hooks(d: Dictionary, *, features: dict[str, torch.Tensor] | None 
     return hooks
 
 
-def run_with_dictionaries(model: Any, prompt: Any, dictionaries: Sequence[Dictionary], *, splice: bool = False,
-                          keep_error: bool = False, ablate: Mapping[int, Sequence[int]] | None = None,
-                          clamp: Mapping[int, Mapping[int, float]] | None = None,
-                          steer: Mapping[int, Mapping[int, float]] | None = None, positions: Any = None,
+def _clt_feature(clt: CrossLayerTranscoder, key: Any) -> tuple[int, int]:
+    if not (isinstance(key, tuple) and len(key) == 2):
+        raise TypeError(f"a CLT's features are addressed (layer, index); got {key!r}")
+    layer, index = int(key[0]), int(key[1])
+    if not 0 <= layer < clt.n_layers or not 0 <= index < clt.widths[layer]:
+        raise IndexError(f"feature {key!r} is outside the CLT (layers 0..{clt.n_layers - 1}, layer widths "
+                         f"{clt.widths[:4]}{'...' if clt.n_layers > 4 else ''})")
+    return layer, index
+
+
+def clt_hooks(clt: CrossLayerTranscoder, *, features: dict[str, torch.Tensor] | None = None, splice: bool = False,
+              keep_error: bool = False, ablate: Sequence[Any] = (), clamp: Mapping[Any, float] | None = None,
+              steer: Mapping[Any, float] | None = None, positions: Any = None) -> list[tuple[str, Hook]]:
+    """Hooks running a cross-layer transcoder (see :func:`dictionary_hooks`): layer ``i``'s MLP
+    input is encoded into ``f_i``; MLP output ``o`` becomes ``sum_{i<=o} f_i @ W_dec_i[:, o] + b_dec_o``
+    (+ the skip term) when spliced, and moves by the edited features' decoder vectors when edited.
+
+    >>> from interp.model import Gemma3, Gemma3Config
+    >>> m = Gemma3.from_config(Gemma3Config(n_layers=2, d_model=8, d_mlp=16, n_heads=1, n_kv_heads=1, d_head=8,
+    ...                                     vocab_size=20))
+    >>> clt = CrossLayerTranscoder.random(2, 8, 16)
+    >>> check_fits(clt, m)
+    >>> [name for name, _ in clt_hooks(clt, splice=True, ablate=[(0, 3)])]
+    ['blocks.0.pre_mlp_norm', 'blocks.1.pre_mlp_norm', 'blocks.0.post_mlp_norm', 'blocks.1.post_mlp_norm']
+    """
+    edits: dict[int, list[tuple[int, float]]] = {}
+    for key in ablate:
+        layer, index = _clt_feature(clt, key)
+        edits.setdefault(layer, []).append((index, 0.0))
+    for key, value in (clamp or {}).items():
+        layer, index = _clt_feature(clt, key)
+        edits.setdefault(layer, []).append((index, float(value)))
+    steers = [(*_clt_feature(clt, key), float(scale)) for key, scale in (steer or {}).items()]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+
+    def read(layer: int) -> Hook:
+        def hook(x: torch.Tensor, site: Site) -> None:
+            acts = clt.encode(layer, x)
+            if features is not None:
+                features[clt.sites_in[layer]] = acts
+            state[layer] = {"x": x, "acts": acts}
+        return hook
+
+    def write(o: int) -> Hook:
+        def hook(y: torch.Tensor, site: Site) -> torch.Tensor | None:
+            if any(i not in state for i in range(o + 1)):
+                raise RuntimeError(f"{site.name} fired before the CLT read the MLP inputs of layers 0..{o}")
+            new = y
+            if splice:
+                recon = clt.decode([state[i]["acts"] for i in range(o + 1)], o)
+                skip = clt.skip(o, state[o]["x"])
+                recon = recon if skip is None else recon + skip
+                new = recon + (y.to(recon.dtype) - recon).detach() if keep_error else recon
+            delta = None
+            for i, changes in edits.items():
+                if i > o:
+                    continue
+                acts = state[i]["acts"]
+                edited = acts.clone()
+                for index, value in changes:
+                    edited[..., index] = value
+                d = (edited - acts) @ clt.decoder(i, o)
+                delta = d if delta is None else delta + d
+            for i, index, scale in steers:
+                if i <= o:
+                    d = scale * clt.decoder_rows(i, [index])[0, o - i]
+                    delta = d if delta is None else delta + d
+            if delta is not None:
+                mask = _token_mask(new, site, positions)
+                if mask is not None:
+                    delta = delta * mask.to(delta.dtype)
+                new = new.to(delta.dtype) + delta
+            return None if new is y else new.to(y.dtype)
+        return hook
+
+    hooks: list[tuple[str, Hook]] = [(clt.sites_in[i], read(i)) for i in range(clt.n_layers)]
+    if splice or edits or steers:
+        hooks += [(clt.sites_out[o], write(o)) for o in range(clt.n_layers)]
+    return hooks
+
+
+def run_with_dictionaries(model: Any, prompt: Any, dictionaries: Sequence[Dictionary | CrossLayerTranscoder], *,
+                          splice: bool = False, keep_error: bool = False,
+                          ablate: Mapping[int, Sequence[Any]] | None = None,
+                          clamp: Mapping[int, Mapping[Any, float]] | None = None,
+                          steer: Mapping[int, Mapping[Any, float]] | None = None, positions: Any = None,
                           **kwargs: Any) -> tuple[torch.Tensor, ActivationCache]:
-    """Run ``model`` with ``dictionaries`` (SAEs or transcoders) reading their sites; returns
+    """Run ``model`` with ``dictionaries`` (SAEs, transcoders, cross-layer transcoders) reading their sites; returns
     ``(logits, feature activations by site)``. ``splice``/``keep_error`` as in
     :func:`dictionary_hooks`; ``ablate``, ``clamp`` and ``steer`` are keyed by the dictionary's
     index in ``dictionaries`` (e.g. ``steer={0: {123: 4.0}}``). Other keywords go to ``forward``.
@@ -149,4 +240,4 @@ def run_with_saes(model: Any, prompt: Any, saes: Sequence[Dictionary], **kwargs:
     return run_with_dictionaries(model, prompt, saes, **kwargs)
 
 
-__all__ = ["dictionary_hooks", "run_with_dictionaries", "run_with_saes", "JumpReLUSAE"]
+__all__ = ["dictionary_hooks", "clt_hooks", "run_with_dictionaries", "run_with_saes", "JumpReLUSAE"]

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
+from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
 from .files import DictionaryFileError
-from .gemma_scope import GEMMA_SCOPE_FILES, is_gemma_scope, load_gemma_scope
+from .gemma_scope import GEMMA_SCOPE_PATTERNS, is_gemma_scope, load_gemma_scope
 from .saelens import SAELENS_CFG, SAELENS_WEIGHTS, load_saelens, save_dictionary, tl_hook_name
 
 
@@ -56,9 +57,13 @@ def load_dictionary(path: str | os.PathLike, *, site: str | None = None, site_ou
     return out
 
 
-def check_fits(d: Dictionary, model: Any) -> None:
+def check_fits(d: Dictionary | CrossLayerTranscoder, model: Any) -> None:
     """Resolve ``d``'s sites through ``model``'s registry and check the widths (an attention SAE
-    reading ``attn.z`` sees the heads flattened, as Hugging Face's o_proj input)."""
+    reading ``attn.z`` sees the heads flattened, as Hugging Face's o_proj input). A
+    cross-layer transcoder checks itself (:meth:`CrossLayerTranscoder.check_fits`)."""
+    if isinstance(d, CrossLayerTranscoder):
+        d.check_fits(model)
+        return
     for attr, width in (("site", d.d_in), ("site_out", d.d_out)):
         name = getattr(d, attr)
         if name is None:
@@ -79,7 +84,8 @@ def check_fits(d: Dictionary, model: Any) -> None:
 
 def download(repo_id: str, folder: str, *, token: str | None = None) -> Path:
     """Download one dictionary's folder from the hub (``params.safetensors`` or ``params.npz``
-    and ``config.json``, or SAELens's two files) and return the local folder.
+    and ``config.json``, a CLT's ``params_layer_{i}.safetensors``, or SAELens's two files) and
+    return the local folder.
 
     >>> download("google/gemma-scope-2-270m-pt", "resid_post_all/layer_6_width_16k_l0_small")  # doctest: +SKIP
     """
@@ -88,7 +94,7 @@ def download(repo_id: str, folder: str, *, token: str | None = None) -> Path:
     except ImportError as e:
         raise ImportError("loading dictionaries from the hub needs huggingface_hub: pip install "
                           "'gemma3-interp[hub]'") from e
-    patterns = [f"{folder}/{f}" for f in (*GEMMA_SCOPE_FILES, "config.json", SAELENS_CFG, SAELENS_WEIGHTS)]
+    patterns = [f"{folder}/{f}" for f in (*GEMMA_SCOPE_PATTERNS, SAELENS_CFG, SAELENS_WEIGHTS)]
     try:
         root = snapshot_download(repo_id, allow_patterns=patterns, token=token or os.environ.get("HF_TOKEN") or None)
     except Exception as e:  # noqa: BLE001 - the hub raises many kinds; all need the same advice

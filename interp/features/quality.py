@@ -32,7 +32,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,9 +41,13 @@ from ..display import figure
 from ..evaluation import lm_loss
 from ..hooks import zero_ablate
 from ..progress import progress_bar
+from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
 from .interventions import dictionary_hooks
 from .io import check_fits
+
+if TYPE_CHECKING:
+    from .quality_clt import CLTEval
 
 
 @dataclass
@@ -204,10 +208,11 @@ def _ce_rows(store: Any, ce_tokens: int | None) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: Any, dictionary: Dictionary, store: Any, *, site: str | Sequence[str] | None = None,
+def evaluate(model: Any, dictionary: Dictionary | CrossLayerTranscoder, store: Any, *,
+             site: str | Sequence[str] | None = None,
              texts: Sequence[str] | None = None, max_tokens: int | None = None, ce_tokens: int | None = 1 << 16,
              batch_size: int = 4096, lm_batch_size: int = 8, dense_threshold: float = 0.1, ce: bool = True,
-             progress: bool = True, name: str = "", _clean: float | None = None) -> FeatureEval:
+             progress: bool = True, name: str = "", _clean: float | None = None) -> FeatureEval | CLTEval:
     """Evaluate ``dictionary`` (an SAE or a transcoder) on held-out activations (see the module
     docstring for the metrics).
 
@@ -218,7 +223,19 @@ def evaluate(model: Any, dictionary: Dictionary, store: Any, *, site: str | Sequ
     ``texts`` (strings) when given, else on the store's own rows, as many as fit in
     ``ce_tokens`` tokens (None: every row); ``ce=False`` skips it. ``lm_batch_size`` rows go
     through the model at a time.
+
+    A :class:`CrossLayerTranscoder` is evaluated layer by layer (a :class:`~.quality_clt.CLTEval`:
+    per-layer L0 and FVU, and the CE loss recovered with every MLP output replaced); its store
+    must hold every layer's ``pre_mlp_norm`` and ``post_mlp_norm``.
     """
+    if isinstance(dictionary, CrossLayerTranscoder):
+        from .quality_clt import evaluate_clt
+
+        if site is not None:
+            raise ValueError("a CLT reads its sites by layer (clt.sites_in / sites_out); site= is not for CLTs")
+        return evaluate_clt(model, dictionary, store, texts=texts, max_tokens=max_tokens, ce_tokens=ce_tokens,
+                            batch_size=batch_size, lm_batch_size=lm_batch_size, dense_threshold=dense_threshold,
+                            ce=ce, progress=progress, name=name)
     check_fits(dictionary, model)  # resolves aliases to the registry's names
     for label, value in (("batch_size", batch_size), ("lm_batch_size", lm_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -326,6 +343,8 @@ def compare_dictionaries(model: Any, dictionaries: Mapping[str, Dictionary] | Se
     clean: float | None = None
     for label, d in items.items():
         e = evaluate(model, d, store, name=label, _clean=clean, **kwargs)
+        if not isinstance(e, FeatureEval):
+            raise TypeError(f"{label}: compare_dictionaries takes single-site dictionaries; evaluate a CLT alone")
         clean = e.ce_clean if clean is None else clean
         evals[label] = e
     return DictionaryComparison(evals)
