@@ -123,6 +123,18 @@ def hook_pairs(hooks: HookSpec) -> list[tuple[Any, Hook]]:
     return pairs
 
 
+class ResolvedNames(list[str]):
+    """Canonical site names already resolved by the caller, in model order: :meth:`HookRegistry.resolve`
+    (and so a scope) takes them as they are instead of matching them again. A caller that
+    resolves once and then hooks and sizes the same names (``run_with_cache``) passes these.
+
+    >>> from interp.hooks.names import SiteNames
+    >>> reg = HookRegistry(SiteNames(["a", "b"]))
+    >>> reg.resolve(ResolvedNames(reg.resolve("*")))
+    ['a', 'b']
+    """
+
+
 class HookRegistry:
     """The site names of one model and the hooks each thread or task has active on them.
 
@@ -142,7 +154,10 @@ class HookRegistry:
         self.check_finite = False
 
     def resolve(self, spec: NameSpec) -> list[str]:
-        """Canonical names matched by ``spec`` (see :meth:`SiteNames.resolve`)."""
+        """Canonical names matched by ``spec`` (see :meth:`SiteNames.resolve`); a
+        :class:`ResolvedNames` is taken as it is."""
+        if isinstance(spec, ResolvedNames):
+            return list(spec)
         return self.names.resolve(spec)
 
     @property
@@ -304,5 +319,6 @@ def in_partial_run() -> bool:
     return _PARTIAL.get()
 
 
-__all__ = ["Hook", "HookSpec", "HookError", "NonFiniteError", "Site", "Registration", "HookRegistry", "HookRun",
+__all__ = ["Hook", "HookSpec", "HookError", "NonFiniteError", "Site", "Registration", "ResolvedNames",
+           "HookRegistry", "HookRun",
            "hook_pairs", "backward_hook", "checking_pass", "partial_run", "in_partial_run"]

@@ -24,7 +24,17 @@ from ..hooks.registry import Registration
 from .config import GLOBAL, SLIDING, Gemma3Config
 from .context import ForwardContext
 from .generate import GenerateMixin
-from .inputs import InputError, Prompt, check_layers, check_mask, check_resid, is_resid, select_positions, to_ids
+from .inputs import (
+    InputError,
+    PreparedInput,
+    Prompt,
+    check_layers,
+    check_mask,
+    check_resid,
+    is_resid,
+    select_positions,
+    to_ids,
+)
 from .kvcache import KVCache
 from .layers import Block, RMSNorm, embed_scale, rope_tables
 from .runs import RunsMixin
@@ -150,8 +160,8 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         return ids, check_mask(attention_mask, tuple(ids.shape), 0, self.device)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, prompt: Prompt, attention_mask: torch.Tensor | None = None, *, start_at_layer: int = 0,
-                stop_at_layer: int | None = None, logits_at: Any = None,
+    def forward(self, prompt: Prompt | PreparedInput, attention_mask: torch.Tensor | None = None, *,
+                start_at_layer: int = 0, stop_at_layer: int | None = None, logits_at: Any = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` for text, texts (padded for you) or token ids.
 
@@ -182,6 +192,13 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         """
         cfg = self.cfg
         stop = check_layers(cfg, start_at_layer, stop_at_layer)
+        prepared, checked = None, frozenset[str]()
+        if isinstance(prompt, PreparedInput):  # from run_with_cache / run_with_grads: checked once there
+            prepared = prompt
+            if (prepared.start_at_layer, prepared.stop_at_layer) != (start_at_layer, stop_at_layer):
+                raise InputError(f"a PreparedInput for layers {prepared.start_at_layer}..{prepared.stop_at_layer} "
+                                 f"cannot run {start_at_layer}..{stop_at_layer}; prepare it with the run's bounds")
+            checked, prompt = frozenset(prepared.names), prepared.prompt
         offset = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and kv_cache.growing and (start_at_layer or stop_at_layer is not None):
             raise InputError("a growing KVCache stores every layer's keys: run the whole model with it "
@@ -193,7 +210,8 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
             batch, seq = h.shape[:2]
             text_mask = None
         else:
-            ids, text_mask = to_ids(cfg, self.tokenizer, prompt)
+            ids, text_mask = ((prepared.ids, prepared.text_mask) if prepared is not None and prepared.ids is not None
+                              else to_ids(cfg, self.tokenizer, cast(Prompt, prompt)))
             ids = ids.to(self.device)
             batch, seq = ids.shape
             if offset and text_mask is not None:
@@ -218,7 +236,7 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
             positions = torch.arange(offset, offset + seq, device=self.device)[None].expand(batch, -1)
         run = self.registry.run(positions, offset)
         if run.hooks:
-            self._check_reach(run.hooks, start_at_layer, stop, from_resid, stop_at_layer is None)
+            self._check_reach(run.hooks, start_at_layer, stop, from_resid, stop_at_layer is None, checked)
         ctx = ForwardContext(run, positions, mask, cfg.window, self._rope(positions, mask), kv_cache,
                              self.attn_impl == "eager")
         if not from_resid:
@@ -256,8 +274,9 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         return rope
 
     def _check_reach(self, hooks: Mapping[str, tuple[Registration, ...]], start: int, stop: int, from_resid: bool,
-                     to_logits: bool) -> None:
-        unreachable = [n for n in hooks if not self.reaches(n, start, stop, from_resid, to_logits)]
+                     to_logits: bool, checked: frozenset[str] = frozenset()) -> None:
+        # ``checked``: sites the caller already found reached (a PreparedInput's names)
+        unreachable = [n for n in hooks if n not in checked and not self.reaches(n, start, stop, from_resid, to_logits)]
         if not unreachable or in_partial_run():
             return
         where = (f"starts at layer {start}" if start or from_resid else "") + \
