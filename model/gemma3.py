@@ -37,7 +37,6 @@ from .inputs import (
 )
 from .kvcache import KVCache
 from .layers import Block, RMSNorm, embed_scale, rope_tables
-from .runs import RunsMixin
 from .sites import LAYER_FORMAT, hf_aliases, site_info, site_names
 
 
@@ -45,7 +44,7 @@ class UnreachableSiteError(InputError):
     """A hook or cache names a site that this run does not compute (it starts after or stops before it)."""
 
 
-class Gemma3(RunsMixin, GenerateMixin, nn.Module):
+class Gemma3(GenerateMixin):
     """Gemma 3 text decoder (Gemma3ForCausalLM's math) whose intermediates are hook sites.
 
     Construct with :meth:`from_pretrained` (real weights) or :meth:`from_config` (random).
@@ -116,16 +115,6 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
-    def dtype(self) -> torch.dtype:
-        """The weights' (and activations') dtype."""
-        return self.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Where the weights live; inputs are moved here."""
-        return self.embed.weight.device
-
-    @property
     def check_finite(self) -> bool:
         """Debug switch: every site checks its tensor for NaN and inf as it fires (all threads)."""
         return self.registry.check_finite
@@ -141,23 +130,6 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
     def site_names(self) -> list[str]:
         """Every hookable site, in firing order (see the README's table)."""
         return list(self.registry.names.names)
-
-    # ------------------------------------------------------------------ input
-    def to_tokens(self, prompt: Prompt, attention_mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Turn text, a batch of texts or ids into ``(ids [b, s], attention_mask [b, s] | None)``
-        on the model's device; a list of texts is left-padded for you.
-
-        >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
-        ...     n_kv_heads=1, d_head=8, vocab_size=9))
-        >>> m.to_tokens([2, 5])[0]
-        tensor([[2, 5]])
-        """
-        ids, mask = to_ids(self.cfg, self.tokenizer, prompt)
-        if mask is not None and attention_mask is None:
-            attention_mask = mask
-        ids = ids.to(self.device)
-        return ids, check_mask(attention_mask, tuple(ids.shape), 0, self.device)
 
     # ------------------------------------------------------------------ forward
     def forward(self, prompt: Prompt | PreparedInput, attention_mask: torch.Tensor | None = None, *,
@@ -289,24 +261,6 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         specs = sorted({r.spec for n in unreachable for r in hooks[n]})
         warnings.warn(f"{len(unreachable)} site(s) matched by {specs} will not fire: this run {where} "
                       f"(e.g. {unreachable[0]!r})", stacklevel=3)
-
-    def reaches(self, name: str, start_at_layer: int = 0, stop: int | None = None, from_resid: bool = False,
-                to_logits: bool = True) -> bool:
-        """Whether a run with these bounds computes site ``name`` (``stop``: the layer it stops
-        before; ``to_logits``: it runs on to the final norm and logits).
-
-        >>> m = Gemma3.from_config(Gemma3Config(n_layers=3, d_model=8, d_mlp=8, n_heads=1,
-        ...     n_kv_heads=1, d_head=8, vocab_size=9))
-        >>> m.reaches("blocks.2.mlp.out", stop=1, to_logits=False), m.reaches("embed")
-        (False, True)
-        """
-        stop = self.cfg.n_layers if stop is None else stop
-        layer = self.registry.names.layer_of.get(name)
-        if layer is not None:
-            return start_at_layer <= layer < stop
-        if name == "embed":
-            return not from_resid and start_at_layer == 0
-        return to_logits
 
     # ------------------------------------------------------------------ unembedding
     def project(self, normed: torch.Tensor, token_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:

@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..hooks import (
-    HookRegistry,
     HookSpec,
     NameSpec,
     Site,
@@ -24,8 +23,8 @@ from ..hooks import (
     seq_indices,
 )
 from ..hooks.registry import ResolvedNames
+from .base import ModelBase
 from .cache import Gemma3Cache
-from .config import Gemma3Config
 from .inputs import PreparedInput, check_layers, check_mask, is_resid, to_ids
 from .sites import HEAVY_KINDS, kind_of, site_shape
 
@@ -61,21 +60,8 @@ def available_memory(device: str | torch.device) -> int | None:
     return None
 
 
-class RunsMixin:
+class RunsMixin(ModelBase):
     """``run_with_hooks``, ``run_with_cache``, ``run_with_grads`` and cache estimates."""
-
-    cfg: Gemma3Config
-    registry: HookRegistry
-    tokenizer: Any
-
-    if TYPE_CHECKING:  # provided by Gemma3
-        @property
-        def dtype(self) -> torch.dtype: ...
-        @property
-        def device(self) -> torch.device: ...
-        def __call__(self, prompt: Any, *args: Any, **kwargs: Any) -> torch.Tensor: ...
-        def reaches(self, name: str, start_at_layer: int = 0, stop: int | None = None, from_resid: bool = False,
-                    to_logits: bool = True) -> bool: ...
 
     def run_with_hooks(self, prompt: Any, hooks: HookSpec, **kwargs: Any) -> torch.Tensor:
         """``forward`` with ``hooks`` active for this call only (see :meth:`Gemma3.hooks`)."""
