@@ -37,8 +37,20 @@ interleaved with our plain forward; the table gives the time ratio copy / view (
 bytes held, and the peak extra memory ratio copy / view. The view variant's values are checked
 against the copies (an entry that differs was changed in place after it was cached).
 
-Smoke run: ``python -m bench.cache --layers 2 --seqs 16 --repeats 2`` (``--copy-cost`` likewise).
-Full run:  ``python -m bench.cache`` (26 layers, seqs 64,256); ``python -m bench.cache --copy-cost``.
+Overhead (``--overhead``, instead of the tables above): what caching adds to a forward, our
+contenders only, one thread (``torch.set_num_threads(1)``; run with ``OMP_NUM_THREADS=1``).
+Unhooked forward, ``run_with_cache(names="blocks.*.resid_post")`` and ``run_with_cache()`` (every
+site) in paired, interleaved rounds: each ratio is the median of per-round ratios to the forward
+of the same round, with the smallest and largest round. Then the fixed cost per call, apart from
+the forward's arithmetic: the same three calls on the same site names (the configuration's
+layers) with every width cut to 16 and a vocabulary of 300, ``--fixed-rounds`` paired rounds,
+the median extra time over the forward of the same round (the preparation, the hooks' scope,
+every fired caching hook and the cache object).
+
+Smoke run: ``python -m bench.cache --layers 2 --seqs 16 --repeats 2`` (``--copy-cost`` and
+``--overhead`` likewise).
+Full run:  ``python -m bench.cache`` (26 layers, seqs 64,256); ``python -m bench.cache --copy-cost``;
+``OMP_NUM_THREADS=1 python -m bench.cache --overhead --seqs 64 --repeats 7``.
 """
 
 from __future__ import annotations
@@ -360,6 +372,55 @@ def copy_cost(args) -> str:
     return "\n\n".join(lines)
 
 
+# ---------------------------------------------------------------------- overhead
+def overhead(args) -> str:
+    from interp.model import Gemma3
+
+    device = args.device
+    cfg = bench_config(args.layers)
+    model = Gemma3.from_config(cfg, seed=args.seed, device=device)
+    narrow = Gemma3.from_config(cfg.replace(d_model=16, d_mlp=32, n_heads=2, n_kv_heads=1, d_head=8,
+                                            vocab_size=300), seed=args.seed, device=device)
+    resid = "blocks.*.resid_post"
+    labels = {"fwd": "forward, no hooks", "resid": f'run_with_cache(names="{resid}")',
+              "all": "run_with_cache(), every site"}
+    targets = {"resid": "<= 1.03", "all": "<= 1.05"}
+
+    def calls(m, ids):
+        return {"fwd": lambda: (m(ids), None), "resid": lambda: m.run_with_cache(ids, resid),
+                "all": lambda: m.run_with_cache(ids)}
+
+    gen = torch.Generator().manual_seed(args.seed)
+    lines = []
+    for seq in args.seqs:
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen).to(device)
+        samples = time_interleaved(calls(model, ids), repeats=args.repeats, warmup=args.warmup, device=device)
+        fwd = samples["fwd"]
+        rows = []
+        for key, label in labels.items():
+            per_round = [a / b for a, b in zip(samples[key], fwd)]
+            rows.append([label, ms(median(samples[key])), f"{spread(samples[key]) * 100:.0f}%",
+                         "" if key == "fwd" else ratio(paired_ratio(samples[key], fwd)),
+                         "" if key == "fwd" else f"{min(per_round):.3f} .. {max(per_round):.3f}",
+                         targets.get(key, "")])
+        small = torch.randint(0, 300, (1, seq), generator=gen).to(device)
+        fixed = time_interleaved(calls(narrow, small), repeats=args.fixed_rounds, warmup=args.warmup, device=device)
+        extra = [[f"{labels[key]} - forward", f"{median([a - b for a, b in zip(fixed[key], fixed['fwd'])]) * 1e3:.2f}"]
+                 for key in ("resid", "all")]
+        lines.append(
+            f"### Overhead, {seq} tokens (batch 1, {cfg.n_layers} layers, fp32, {device}, "
+            f"{torch.get_num_threads()} thread(s))\n\n"
+            f"{args.repeats} interleaved rounds after {args.warmup} warm-up; time: median; spread: (max - min) / "
+            "median; / forward: median of per-round ratios, then the smallest and largest.\n\n"
+            + markdown_table(["call", "time (ms)", "spread", "/ forward", "per-round range", "target"], rows)
+            + f"\n\nFixed cost per call: the same calls with widths 16 (same {len(narrow.site_names())} site names), "
+            f"{args.fixed_rounds} paired rounds (forward median {ms(median(fixed['fwd']))} ms).\n\n"
+            + markdown_table(["extra time", "median (ms)"], extra))
+        del samples, fixed
+        gc.collect()
+    return "\n\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,12 +428,18 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--copy-cost", action="store_true",
                         help="only the cost of caching copies: the current caching hook against a view-storing variant")
+    parser.add_argument("--overhead", action="store_true",
+                        help="only what caching adds to our forward (resid_post, every site), one thread")
+    parser.add_argument("--fixed-rounds", type=int, default=200,
+                        help="--overhead: paired rounds of the narrow model that give the fixed cost per call")
     args = parser.parse_args(argv)
+    if args.overhead:
+        torch.set_num_threads(1)
     print("# bench.cache\n")
     print(environment() + "\n")
     print("Command: python -m bench.cache " + " ".join(sys.argv[1:]) + "\n")
     with torch.inference_mode():
-        print(copy_cost(args) if args.copy_cost else run(args))
+        print(overhead(args) if args.overhead else copy_cost(args) if args.copy_cost else run(args))
 
 
 if __name__ == "__main__":

@@ -116,32 +116,32 @@ def spread(xs: Sequence[float]) -> float:
 
 
 # ---------------------------------------------------------------------- memory
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def proc_status() -> dict[str, int]:
-    """The memory fields of ``/proc/self/status`` in bytes (VmRSS, VmHWM, RssAnon, RssFile, ...)."""
-    out = {}
+def proc_status(*keys: str) -> dict[str, int]:
+    """The memory fields of ``/proc/self/status`` in bytes (VmRSS, VmHWM, RssAnon, RssFile, ...):
+    those named in ``keys`` (reading stops once they are found; one missing is an error), or all."""
+    out: dict[str, int] = {}
     with open("/proc/self/status") as f:
         for line in f:
             key, _, value = line.partition(":")
+            if keys and key not in keys:
+                continue
             parts = value.split()
             if len(parts) == 2 and parts[1] == "kB":
                 out[key] = int(parts[0]) * 1024
+                if keys and len(out) == len(keys):
+                    break
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise RuntimeError(f"no {', '.join(missing)} in /proc/self/status")
     return out
 
 
+def rss_bytes() -> int:
+    return proc_status("VmRSS")["VmRSS"]
+
+
 def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return proc_status("VmHWM")["VmHWM"]
 
 
 def reset_hwm() -> bool:

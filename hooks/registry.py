@@ -139,6 +139,18 @@ def _check_arity(name: Any, fn: Callable[..., Any]) -> None:
                         "name, layer, ...); write e.g. `lambda x, site: x * 0`") from None
 
 
+class ResolvedNames(list[str]):
+    """Canonical site names already resolved by the caller, in model order: :meth:`HookRegistry.resolve`
+    (and so a scope) takes them as they are instead of matching them again. A caller that
+    resolves once and then hooks and sizes the same names (``run_with_cache``) passes these.
+
+    >>> from interp.hooks.names import SiteNames
+    >>> reg = HookRegistry(SiteNames(["a", "b"]))
+    >>> reg.resolve(ResolvedNames(reg.resolve("*")))
+    ['a', 'b']
+    """
+
+
 class HookRegistry:
     """The site names of one model and the hooks each thread or task has active on them.
 
@@ -158,7 +170,10 @@ class HookRegistry:
         self.check_finite = False
 
     def resolve(self, spec: NameSpec) -> list[str]:
-        """Canonical names matched by ``spec`` (see :meth:`SiteNames.resolve`)."""
+        """Canonical names matched by ``spec`` (see :meth:`SiteNames.resolve`); a
+        :class:`ResolvedNames` is taken as it is."""
+        if isinstance(spec, ResolvedNames):
+            return list(spec)
         return self.names.resolve(spec)
 
     @property
@@ -320,5 +335,6 @@ def in_partial_run() -> bool:
     return _PARTIAL.get()
 
 
-__all__ = ["Hook", "HookSpec", "HookError", "NonFiniteError", "Site", "Registration", "HookRegistry", "HookRun",
+__all__ = ["Hook", "HookSpec", "HookError", "NonFiniteError", "Site", "Registration", "ResolvedNames",
+           "HookRegistry", "HookRun",
            "hook_pairs", "backward_hook", "checking_pass", "partial_run", "in_partial_run"]

@@ -25,10 +25,19 @@ from ..hooks.registry import Registration
 from .config import GLOBAL, SLIDING, Gemma3Config
 from .context import ForwardContext
 from .generate import GenerateMixin
-from .inputs import InputError, Prompt, check_layers, check_mask, check_resid, is_resid, select_positions, to_ids
+from .inputs import (
+    InputError,
+    PreparedInput,
+    Prompt,
+    check_layers,
+    check_mask,
+    check_resid,
+    is_resid,
+    select_positions,
+    to_ids,
+)
 from .kvcache import KVCache
 from .layers import Block, RMSNorm, embed_scale, rope_tables
-from .runs import RunsMixin
 from .sites import LAYER_FORMAT, hf_aliases, site_info, site_names
 
 
@@ -36,7 +45,7 @@ class UnreachableSiteError(InputError):
     """A hook or cache names a site that this run does not compute (it starts after or stops before it)."""
 
 
-class Gemma3(RunsMixin, GenerateMixin, nn.Module):
+class Gemma3(GenerateMixin):
     """Gemma 3 text decoder (Gemma3ForCausalLM's math) whose intermediates are hook sites.
 
     Construct with :meth:`from_pretrained` (real weights) or :meth:`from_config` (random).
@@ -113,16 +122,6 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
-    def dtype(self) -> torch.dtype:
-        """The weights' (and activations') dtype."""
-        return self.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Where the weights live; inputs are moved here."""
-        return self.embed.weight.device
-
-    @property
     def check_finite(self) -> bool:
         """Debug switch: every site checks its tensor for NaN and inf as it fires (all threads)."""
         return self.registry.check_finite
@@ -139,26 +138,9 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         """Every hookable site, in firing order (see the README's table)."""
         return list(self.registry.names.names)
 
-    # ------------------------------------------------------------------ input
-    def to_tokens(self, prompt: Prompt, attention_mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Turn text, a batch of texts or ids into ``(ids [b, s], attention_mask [b, s] | None)``
-        on the model's device; a list of texts is left-padded for you.
-
-        >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
-        ...     n_kv_heads=1, d_head=8, vocab_size=9))
-        >>> m.to_tokens([2, 5])[0]
-        tensor([[2, 5]])
-        """
-        ids, mask = to_ids(self.cfg, self.tokenizer, prompt)
-        if mask is not None and attention_mask is None:
-            attention_mask = mask
-        ids = ids.to(self.device)
-        return ids, check_mask(attention_mask, tuple(ids.shape), 0, self.device)
-
     # ------------------------------------------------------------------ forward
-    def forward(self, prompt: Prompt, attention_mask: torch.Tensor | None = None, *, start_at_layer: int = 0,
-                stop_at_layer: int | None = None, logits_at: Any = None,
+    def forward(self, prompt: Prompt | PreparedInput, attention_mask: torch.Tensor | None = None, *,
+                start_at_layer: int = 0, stop_at_layer: int | None = None, logits_at: Any = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` for text, texts (padded for you) or token ids.
 
@@ -189,6 +171,13 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         """
         cfg = self.cfg
         stop = check_layers(cfg, start_at_layer, stop_at_layer)
+        prepared, checked = None, frozenset[str]()
+        if isinstance(prompt, PreparedInput):  # from run_with_cache / run_with_grads: checked once there
+            prepared = prompt
+            if (prepared.start_at_layer, prepared.stop_at_layer) != (start_at_layer, stop_at_layer):
+                raise InputError(f"a PreparedInput for layers {prepared.start_at_layer}..{prepared.stop_at_layer} "
+                                 f"cannot run {start_at_layer}..{stop_at_layer}; prepare it with the run's bounds")
+            checked, prompt = frozenset(prepared.names), prepared.prompt
         offset = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and kv_cache.growing and (start_at_layer or stop_at_layer is not None):
             raise InputError("a growing KVCache stores every layer's keys: run the whole model with it "
@@ -200,7 +189,8 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
             batch, seq = h.shape[:2]
             text_mask = None
         else:
-            ids, text_mask = to_ids(cfg, self.tokenizer, prompt)
+            ids, text_mask = ((prepared.ids, prepared.text_mask) if prepared is not None and prepared.ids is not None
+                              else to_ids(cfg, self.tokenizer, cast(Prompt, prompt)))
             ids = ids.to(self.device)
             batch, seq = ids.shape
             if offset and text_mask is not None:
@@ -225,7 +215,7 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
             positions = torch.arange(offset, offset + seq, device=self.device)[None].expand(batch, -1)
         run = self.registry.run(positions, offset)
         if run.hooks:
-            self._check_reach(run.hooks, start_at_layer, stop, from_resid, stop_at_layer is None)
+            self._check_reach(run.hooks, start_at_layer, stop, from_resid, stop_at_layer is None, checked)
         ctx = ForwardContext(run, positions, mask, cfg.window, self._rope(positions, mask), kv_cache,
                              self.attn_impl == "eager")
         if not from_resid:
@@ -263,8 +253,9 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         return rope
 
     def _check_reach(self, hooks: Mapping[str, tuple[Registration, ...]], start: int, stop: int, from_resid: bool,
-                     to_logits: bool) -> None:
-        unreachable = [n for n in hooks if not self.reaches(n, start, stop, from_resid, to_logits)]
+                     to_logits: bool, checked: frozenset[str] = frozenset()) -> None:
+        # ``checked``: sites the caller already found reached (a PreparedInput's names)
+        unreachable = [n for n in hooks if n not in checked and not self.reaches(n, start, stop, from_resid, to_logits)]
         if not unreachable or in_partial_run():
             return
         where = (f"starts at layer {start}" if start or from_resid else "") + \
@@ -277,24 +268,6 @@ class Gemma3(RunsMixin, GenerateMixin, nn.Module):
         specs = sorted({r.spec for n in unreachable for r in hooks[n]})
         warnings.warn(f"{len(unreachable)} site(s) matched by {specs} will not fire: this run {where} "
                       f"(e.g. {unreachable[0]!r})", stacklevel=3)
-
-    def reaches(self, name: str, start_at_layer: int = 0, stop: int | None = None, from_resid: bool = False,
-                to_logits: bool = True) -> bool:
-        """Whether a run with these bounds computes site ``name`` (``stop``: the layer it stops
-        before; ``to_logits``: it runs on to the final norm and logits).
-
-        >>> m = Gemma3.from_config(Gemma3Config(n_layers=3, d_model=8, d_mlp=8, n_heads=1,
-        ...     n_kv_heads=1, d_head=8, vocab_size=9))
-        >>> m.reaches("blocks.2.mlp.out", stop=1, to_logits=False), m.reaches("embed")
-        (False, True)
-        """
-        stop = self.cfg.n_layers if stop is None else stop
-        layer = self.registry.names.layer_of.get(name)
-        if layer is not None:
-            return start_at_layer <= layer < stop
-        if name == "embed":
-            return not from_resid and start_at_layer == 0
-        return to_logits
 
     # ------------------------------------------------------------------ unembedding
     def project(self, normed: torch.Tensor, token_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:

@@ -13,23 +13,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..hooks import HookRegistry, HookSpec, NameSpec, Site, hook_pairs
+from ..hooks import HookSpec, NameSpec, Site, hook_pairs
 from .cache import Gemma3Cache
-from .config import Gemma3Config
 from .inputs import InputError, is_text
 from .kvcache import KVCache
+from .runs import RunsMixin
 from .sampling import Sampler
 
 # <end_of_turn> in Gemma 3's vocabulary (every released size). Only a model without a tokenizer uses
 # it: with one, the tokenizer's own ids decide (see _stop_ids).
 END_OF_TURN_ID = 106
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -183,22 +180,8 @@ class _Run:
         return all(self.done_host) or len(self.new) >= self.max_new_tokens
 
 
-class GenerateMixin:
+class GenerateMixin(RunsMixin):
     """``generate``, ``stream`` and ``chat``."""
-
-    cfg: Gemma3Config
-    registry: HookRegistry
-    tokenizer: Tokenizer | None
-
-    if TYPE_CHECKING:  # provided by Gemma3
-        @property
-        def device(self) -> torch.device: ...
-        @property
-        def dtype(self) -> torch.dtype: ...
-        def __call__(self, prompt: Any, *args: Any, **kwargs: Any) -> torch.Tensor: ...
-        def to_tokens(self, prompt: Any, attention_mask: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-        def _run_names(self, names: NameSpec, prompt: Any, kwargs: dict[str, Any]) -> list[str]: ...
 
     def _start(self, prompt: Any, max_new_tokens: int, attention_mask: torch.Tensor | None,
                sampling: dict[str, Any], stop: str | Sequence[str] | None, stop_at_eos: bool) -> _Run:

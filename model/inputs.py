@@ -8,6 +8,7 @@ bounds out of range) is an :class:`InputError` that says what to pass instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -82,6 +83,28 @@ def to_ids(cfg: Gemma3Config, tokenizer: Any, prompt: Prompt) -> tuple[torch.Ten
     return ids.to(torch.long), mask
 
 
+@dataclass(frozen=True)
+class PreparedInput:
+    """One call's input, checked once and passed down instead of the prompt (``run_with_cache``
+    and ``run_with_grads`` build it; ``forward`` takes it in place of a prompt): the prompt, its
+    token ids and padding mask as :func:`to_ids` returns them (``None`` for a residual stream),
+    the run's layer bounds, and the sites of the call that the run computes (already resolved
+    and checked to be reached, so the forward neither tokenizes nor checks them again).
+
+    >>> cfg = Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1, n_kv_heads=1, d_head=8, vocab_size=9)
+    >>> ids, mask = to_ids(cfg, None, [2, 3])
+    >>> PreparedInput([2, 3], ids, mask, 0, None, ("embed",)).ids
+    tensor([[2, 3]])
+    """
+
+    prompt: Any
+    ids: torch.Tensor | None
+    text_mask: torch.Tensor | None
+    start_at_layer: int
+    stop_at_layer: int | None
+    names: tuple[str, ...] = ()
+
+
 def check_mask(mask: Any, shape: tuple[int, ...], offset: int, device: torch.device) -> torch.Tensor | None:
     """A 0/1 ``[batch, offset + seq]`` LongTensor, or None when every token is real."""
     if mask is None:
@@ -147,5 +170,5 @@ def select_positions(x: torch.Tensor, at: Any) -> torch.Tensor:
     return x[:, idx.to(x.device)]
 
 
-__all__ = ["Prompt", "InputError", "is_resid", "is_text", "to_ids", "check_mask", "check_resid", "check_layers",
-           "select_positions"]
+__all__ = ["Prompt", "InputError", "PreparedInput", "is_resid", "is_text", "to_ids", "check_mask", "check_resid",
+           "check_layers", "select_positions"]

@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..hooks import (
-    HookRegistry,
     HookSpec,
     NameSpec,
     Site,
@@ -23,9 +22,10 @@ from ..hooks import (
     is_exact,
     seq_indices,
 )
+from ..hooks.registry import ResolvedNames
+from .base import ModelBase
 from .cache import Gemma3Cache
-from .config import Gemma3Config
-from .inputs import check_layers, is_resid
+from .inputs import PreparedInput, check_layers, check_mask, is_resid, to_ids
 from .sites import HEAVY_KINDS, kind_of, site_shape
 
 
@@ -60,22 +60,8 @@ def available_memory(device: str | torch.device) -> int | None:
     return None
 
 
-class RunsMixin:
+class RunsMixin(ModelBase):
     """``run_with_hooks``, ``run_with_cache``, ``run_with_grads`` and cache estimates."""
-
-    cfg: Gemma3Config
-    registry: HookRegistry
-
-    if TYPE_CHECKING:  # provided by Gemma3
-        @property
-        def dtype(self) -> torch.dtype: ...
-        @property
-        def device(self) -> torch.device: ...
-        def __call__(self, prompt: Any, *args: Any, **kwargs: Any) -> torch.Tensor: ...
-        def to_tokens(self, prompt: Any, attention_mask: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-        def reaches(self, name: str, start_at_layer: int = 0, stop: int | None = None, from_resid: bool = False,
-                    to_logits: bool = True) -> bool: ...
 
     def run_with_hooks(self, prompt: Any, hooks: HookSpec, **kwargs: Any) -> torch.Tensor:
         """``forward`` with ``hooks`` active for this call only (see :meth:`Gemma3.hooks`)."""
@@ -88,9 +74,10 @@ class RunsMixin:
         return self.registry.scope([(spec, backward_hook(fn)) for spec, fn in hook_pairs(hooks)])
 
     # ------------------------------------------------------------------ which sites a run fires
-    def _run_names(self, names: NameSpec, prompt: Any, kwargs: dict[str, Any]) -> list[str]:
+    def _run_names(self, names: NameSpec, prompt: Any, kwargs: dict[str, Any], stacklevel: int = 3) -> list[str]:
         """The sites of ``names`` that a run with ``kwargs`` computes. ``None`` means every site
-        it computes; an exact name it does not compute is an error, a glob warns about those."""
+        it computes; an exact name it does not compute is an error, a glob warns about those
+        (``stacklevel``: the caller to blame, as for :func:`warnings.warn`)."""
         from .gemma3 import UnreachableSiteError
 
         start = kwargs.get("start_at_layer") or 0
@@ -99,7 +86,8 @@ class RunsMixin:
         from_resid = start > 0 or is_resid(prompt)
         resolved = self.registry.resolve(names)
         reach = [n for n in resolved if self.reaches(n, start, stop, from_resid, stop_at is None)]
-        missed = [n for n in resolved if n not in set(reach)]
+        reached = set(reach)
+        missed = [n for n in resolved if n not in reached]
         if missed and names is not None:
             where = f"start_at_layer={start}, stop_at_layer={stop_at}"
             if is_exact(names):
@@ -108,8 +96,20 @@ class RunsMixin:
             if not reach:
                 raise UnreachableSiteError(f"{names!r} matches no site this run ({where}) computes")
             warnings.warn(f"{len(missed)} site(s) matched by {names!r} are not computed by this run ({where}), "
-                          f"e.g. {missed[0]!r}; the cache holds the other {len(reach)}", stacklevel=3)
+                          f"e.g. {missed[0]!r}; the cache holds the other {len(reach)}", stacklevel=stacklevel)
         return reach
+
+    def _prepare(self, prompt: Any, names: NameSpec, kwargs: dict[str, Any]) -> PreparedInput:
+        """The call's input checked once (see :class:`~interp.model.inputs.PreparedInput`): the
+        sites of ``names`` the run computes (resolved and reach-checked once), then the tokens.
+        Warnings blame the caller of ``run_with_cache`` / ``run_with_grads``."""
+        reach = self._run_names(names, prompt, kwargs, stacklevel=5)
+        start = kwargs.get("start_at_layer") or 0
+        ids = text_mask = None
+        if not (start or is_resid(prompt)):
+            ids, text_mask = to_ids(self.cfg, self.tokenizer, prompt)
+        return PreparedInput(prompt, ids, text_mask, kwargs.get("start_at_layer", 0), kwargs.get("stop_at_layer"),
+                             tuple(reach))
 
     # ------------------------------------------------------------------ caches
     def run_with_cache(self, prompt: Any, names: NameSpec = None, *, device: str | torch.device | None = None,
@@ -138,14 +138,15 @@ class RunsMixin:
         >>> cache["blocks.0.attn.pattern"].shape
         torch.Size([1, 1, 1, 3])
         """
-        cache_names = self._run_names(names, prompt, kwargs)
-        self._check_cache_fits(prompt, cache_names, device, dtype, positions, max_bytes, kwargs)
+        prepared = self._prepare(prompt, names, kwargs)
+        cache_names = ResolvedNames(prepared.names)
+        self._check_cache_fits(prepared, cache_names, device, dtype, positions, max_bytes, kwargs)
         store: dict[str, torch.Tensor] = {}
         pairs = hook_pairs(hooks)
         alone = not pairs and not self.registry.active  # no other hook can write into a tensor
         pairs.append((cache_names, caching_hook(store, device=device, dtype=dtype, positions=positions,
                                                 copy=not alone)))
-        out = self.run_with_hooks(prompt, pairs, **kwargs)
+        out = self.run_with_hooks(prepared, pairs, **kwargs)
         return out, Gemma3Cache({n: store[n] for n in cache_names if n in store})
 
     def run_with_grads(self, prompt: Any, metric: Callable[[torch.Tensor], torch.Tensor],
@@ -163,7 +164,8 @@ class RunsMixin:
         >>> grads["blocks.0.resid_post"].shape
         torch.Size([1, 2, 8])
         """
-        cache_names = self._run_names(names, prompt, kwargs)
+        prepared = self._prepare(prompt, names, kwargs)
+        cache_names = ResolvedNames(prepared.names)
         start = kwargs.get("start_at_layer") or 0
         first = f"blocks.{start}.resid_pre" if start > 0 or is_resid(prompt) else "embed"
         store: dict[str, torch.Tensor] = {}
@@ -174,7 +176,7 @@ class RunsMixin:
         pairs = [(first, make_leaf)] + hook_pairs(hooks)
         pairs.append((cache_names, caching_hook(store, keep_grad=True)))
         with torch.enable_grad():
-            logits = self.run_with_hooks(prompt, pairs, **kwargs)
+            logits = self.run_with_hooks(prepared, pairs, **kwargs)
             value = metric(logits)
             if not isinstance(value, torch.Tensor) or value.numel() != 1:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -206,25 +208,37 @@ class RunsMixin:
         >>> m.estimate_cache_bytes("blocks.0.resid_post", batch=2, seq=5)
         320
         """
+        return self._cache_bytes(self.registry.resolve(names), batch, seq, dtype, positions)
+
+    def _cache_bytes(self, names: list[str], batch: int, seq: int, dtype: torch.dtype | None,
+                     positions: Any) -> int:
+        """``estimate_cache_bytes`` of resolved ``names``: one shape per kind of site."""
         kept = seq if positions is None else len(seq_indices(positions, Site("x", None), seq))
         size = torch.empty((), dtype=dtype or self.dtype).element_size()
-        total = sum(math.prod(site_shape(self.cfg, n, batch, kept, keys=seq)) for n in self.registry.resolve(names))
+        info = self.registry.info
+        per_kind: dict[str, int] = {}
+        for n in names:
+            kind = info[n]["kind"]
+            per_kind[kind] = per_kind.get(kind, 0) + 1
+        total = sum(count * math.prod(site_shape(self.cfg, kind, batch, kept, keys=seq))
+                    for kind, count in per_kind.items())
         return total * size
 
-    def _check_cache_fits(self, prompt: Any, names: list[str], device: Any, dtype: torch.dtype | None,
+    def _check_cache_fits(self, prepared: PreparedInput, names: list[str], device: Any, dtype: torch.dtype | None,
                           positions: Any, max_bytes: int | None, kwargs: dict[str, Any]) -> None:
-        if kwargs.get("start_at_layer") or is_resid(prompt):
-            batch, seq = prompt.shape[:2]
-        else:
-            ids, _ = self.to_tokens(prompt, kwargs.get("attention_mask"))
-            batch, seq = ids.shape
-        need = self.estimate_cache_bytes(names, batch, seq, dtype, positions)
+        if prepared.ids is None:
+            batch, seq = prepared.prompt.shape[:2]
+        else:  # the mask is checked as to_tokens checks it (before the run, whose errors say more)
+            mask = kwargs.get("attention_mask")
+            check_mask(prepared.text_mask if mask is None else mask, tuple(prepared.ids.shape), 0, self.device)
+            batch, seq = prepared.ids.shape
+        need = self._cache_bytes(names, batch, seq, dtype, positions)
         limit = max_bytes if max_bytes is not None else available_memory(device or self.device)
         if limit is None or need <= limit:
             return
 
         def fmt(n: list[str], d: torch.dtype | None = dtype, p: Any = positions) -> str:
-            return format_bytes(self.estimate_cache_bytes(n, batch, seq, d, p)) if n else "0 B"
+            return format_bytes(self._cache_bytes(n, batch, seq, d, p)) if n else "0 B"
 
         options = []
         if (dtype or self.dtype).itemsize > 2:

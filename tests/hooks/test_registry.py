@@ -515,3 +515,23 @@ def test_site_is_immutable():
 def test_hooks_package_exports():
     for name in ("HookRegistry", "HookError", "UnknownSiteError", "Site", "ActivationCache", "caching_hook"):
         assert hasattr(hooks, name)
+
+
+def test_resolved_names_are_not_matched_again(monkeypatch):
+    from interp.hooks.registry import ResolvedNames
+
+    reg = HookRegistry(SiteNames(["embed", "blocks.0.x", "blocks.1.x"], layer_format=LAYER_FORMAT))
+    names = ResolvedNames(reg.resolve("blocks.*.x"))
+
+    def no_matching(spec):
+        raise AssertionError(f"resolved names matched again: {spec!r}")
+
+    monkeypatch.setattr(reg.names, "resolve", no_matching)
+    seen = []
+    with reg.scope([(names, lambda x, site: seen.append(site.name))]):
+        assert reg.resolve(names) == ["blocks.0.x", "blocks.1.x"]
+        run = reg.run()
+        for name in ("embed", "blocks.0.x", "blocks.1.x"):
+            run.fire(name, torch.zeros(1), None)
+        assert all(r.exact for r in reg.active["blocks.0.x"])  # a list of names is exact, as before
+    assert seen == ["blocks.0.x", "blocks.1.x"]
