@@ -35,21 +35,38 @@ class ActivationCache(Mapping[str, torch.Tensor]):
     """A read-only mapping from site name to tensor (detached unless gradients were asked for).
 
     ``layer_format`` (e.g. ``"blocks.{layer}."``, set by the model that filled the cache) lets
-    :meth:`layers` and :meth:`stack` find one kind of site across layers.
+    :meth:`layers` and :meth:`stack` find one kind of site across layers. ``aliases`` maps other
+    spellings of a site name (Hugging Face or TransformerLens names) to the name it is stored
+    under: ``cache[alias]`` finds the same tensor, while iteration and files keep the site names.
+
+    >>> c = ActivationCache({"blocks.3.resid_post": torch.ones(1)}, aliases={"blocks.3.hook_resid_post":
+    ...     "blocks.3.resid_post"})
+    >>> c["blocks.3.hook_resid_post"] is c["blocks.3.resid_post"], list(c), "blocks.3.hook_resid_post" in c
+    (True, ['blocks.3.resid_post'], True)
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, layer_format: str | None = None):
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, layer_format: str | None = None,
+                 aliases: Mapping[str, str] | None = None):
         self._t: dict[str, torch.Tensor] = dict(tensors or {})
         self.layer_format = layer_format
+        self.aliases: dict[str, str] = dict(aliases or {})
+        clash = [a for a in self.aliases if a in self._t]
+        if clash:
+            raise ValueError(f"aliases {clash[:3]} are also stored names; an alias must be another spelling")
         self._names = SiteNames(self._t, layer_format=layer_format) if layer_format else None
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        try:
+        if name in self._t:
             return self._t[name]
-        except KeyError:
-            raise KeyError(
-                f"{name!r} is not in this cache ({len(self._t)} sites cached); cache it with "
-                f"run_with_cache(..., names={name!r}) or names=None for every site") from None
+        if name in self.aliases and self.aliases[name] in self._t:
+            return self._t[self.aliases[name]]
+        site = f" (an alias of {self.aliases[name]!r})" if name in self.aliases else ""
+        raise KeyError(
+            f"{name!r}{site} is not in this cache ({len(self._t)} sites cached); cache it with "
+            f"run_with_cache(..., names={name!r}) or names=None for every site")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._t or (name in self.aliases and self.aliases[name] in self._t)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._t)
@@ -61,7 +78,9 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         return f"{type(self).__name__}({len(self)} sites, {self.nbytes / 2**20:.1f} MiB)"
 
     def _new(self, tensors: Mapping[str, torch.Tensor]) -> ActivationCache:
-        return type(self)(tensors, layer_format=self.layer_format)
+        new = type(self)(tensors, layer_format=self.layer_format)
+        new.aliases = dict(self.aliases)
+        return new
 
     @property
     def nbytes(self) -> int:
