@@ -104,21 +104,21 @@ SITES: tuple[SiteKind, ...] = (
     SiteKind("logits", False, ("b", "s", "v"), "tied unembedding", heavy=True, hf=("lm_head",)),
 )
 
-# TransformerLens 4 names (Gemma 3, TransformerBridge) that are NOT aliases, and why. Checked
+# TransformerLens 4 names (Gemma 3, TransformerBridge; {i} = layer) that are NOT aliases, and why. Checked
 # on the demo model by tests/model/test_tl_aliases.py; an alias must hold exactly TL's values.
 TL_LEFT_OUT: dict[str, str] = {
-    "ln1.hook_out": "input_norm: TransformerLens folds the norm weight into W_Q/W_K/W_V when it processes "
-                    "weights (enable_compatibility_mode), so its value depends on that processing",
-    "ln2.hook_out": "pre_mlp_norm: the norm weight is folded into the MLP's input weights when TransformerLens "
-                    "processes weights, so its value depends on that processing",
+    "blocks.{i}.ln1.hook_out": "input_norm: TransformerLens folds the norm weight into W_Q/W_K/W_V when it "
+                               "processes weights (enable_compatibility_mode), so its value depends on that",
+    "blocks.{i}.ln2.hook_out": "pre_mlp_norm: the norm weight is folded into the MLP's input weights when "
+                               "TransformerLens processes weights, so its value depends on that",
     "ln_final.hook_out": "final_norm: the norm weight is folded into W_U when TransformerLens processes weights",
     "ln_final.hook_normalized": "x / rms(x) before the norm's weight: not a site of this model",
     "hook_unembed": "logits: TransformerLens centres W_U (center_unembed) when it processes weights",
-    "attn.hook_q_normed": "attn.q_normed in TransformerLens's layout [b, h, s, hd] (a transpose of ours, "
-                          "[b, s, h, hd]), not the same tensor",
-    "attn.hook_k_normed": "attn.k_normed in TransformerLens's layout [b, kv, s, hd], a transpose of ours",
-    "attn.hook_attn_scores": "attn.scores except at masked keys: TransformerLens fills them with the dtype's "
-                             "lowest finite value, this model with -inf",
+    "blocks.{i}.attn.hook_q_normed": "attn.q_normed in TransformerLens's layout [b, h, s, hd] (a transpose of "
+                                     "ours, [b, s, h, hd]), not the same tensor",
+    "blocks.{i}.attn.hook_k_normed": "attn.k_normed in TransformerLens's layout [b, kv, s, hd], a transpose of ours",
+    "blocks.{i}.attn.hook_attn_scores": "attn.scores except at masked keys: TransformerLens fills them with the "
+                                        "dtype's lowest finite value, this model with -inf",
 }
 
 BY_KIND: dict[str, SiteKind] = {s.kind: s for s in SITES}
@@ -207,7 +207,7 @@ def tl_name(name: str) -> str | None:
     return None if site.tl is None else _tl_full(site, layer)
 
 
-def _tl_full(s: SiteKind, layer: int | None) -> str:
+def _tl_full(s: SiteKind, layer: int | str | None) -> str:
     assert s.tl is not None
     return LAYER_FORMAT.format(layer=layer) + s.tl if s.per_layer else s.tl
 
@@ -260,6 +260,19 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+def tl_markdown_table() -> str:
+    """The README's table of TransformerLens names: each alias with its site, then the names left out and why.
+
+    >>> tl_markdown_table().splitlines()[2]
+    '| `hook_embed` | `embed` |'
+    """
+    rows = ["| TransformerLens name | site |", "|---|---|"]
+    rows += [f"| `{_tl_full(s, '{i}')}` | `{s.name()}` |" for s in SITES if s.tl is not None]
+    rows += ["", "| left out | why |", "|---|---|"] + [f"| `{n}` | {why} |" for n, why in TL_LEFT_OUT.items()]
+    return "\n".join(rows)
+
+
 __all__ = ["SiteKind", "SITES", "BY_KIND", "BLOCK_KINDS", "EXPLICIT_KINDS", "HEAVY_KINDS", "LAYER_FORMAT",
            "kind_of", "site_names", "hf_aliases",
-           "tl_aliases", "tl_name", "aliases", "aliases_of", "TL_LEFT_OUT", "site_info", "site_shape", "markdown_table"]
+           "tl_aliases", "tl_name", "aliases", "aliases_of", "TL_LEFT_OUT", "site_info", "site_shape", "markdown_table",
+           "tl_markdown_table"]

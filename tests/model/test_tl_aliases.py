@@ -26,7 +26,8 @@ def test_the_table_names_the_transformer_lens_hooks_of_the_contract():
         "post_attn_norm": "hook_attn_out", "resid_mid": "hook_resid_mid", "mlp.gate": "mlp.hook_pre",
         "mlp.up": "mlp.hook_pre_linear", "mlp.hidden": "mlp.hook_post", "mlp.out": "mlp.hook_out",
         "post_mlp_norm": "hook_mlp_out", "resid_post": "hook_resid_post"}
-    assert not set(TL_LEFT_OUT) & set(TL_KINDS.values())
+    left_out = {n.replace("blocks.{i}.", "") for n in TL_LEFT_OUT}
+    assert len(left_out) == 8 and not left_out & set(TL_KINDS.values())
 
 
 def test_tl_aliases_point_at_sites_and_collide_with_nothing():
