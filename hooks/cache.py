@@ -49,11 +49,22 @@ class ActivationCache(Mapping[str, torch.Tensor]):
                  aliases: Mapping[str, str] | None = None):
         self._t: dict[str, torch.Tensor] = dict(tensors or {})
         self.layer_format = layer_format
-        self.aliases: dict[str, str] = dict(aliases or {})
-        clash = [a for a in self.aliases if a in self._t]
+        self._aliases = None if aliases is None else dict(aliases)
+        clash = [a for a in self._aliases or () if a in self._t]
         if clash:
             raise ValueError(f"aliases {clash[:3]} are also stored names; an alias must be another spelling")
         self._names = SiteNames(self._t, layer_format=layer_format) if layer_format else None
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Other spellings of the stored names -> the stored name (built on first use)."""
+        if self._aliases is None:
+            self._aliases = self._default_aliases()
+        return self._aliases
+
+    def _default_aliases(self) -> dict[str, str]:
+        """The aliases of a cache built without ``aliases=`` (a model's cache class derives them)."""
+        return {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._t:
@@ -66,7 +77,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
             f"run_with_cache(..., names={name!r}) or names=None for every site")
 
     def __contains__(self, name: object) -> bool:
-        return name in self._t or (name in self.aliases and self.aliases[name] in self._t)
+        return name in self._t or self.aliases.get(name) in self._t  # type: ignore[call-overload]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._t)
@@ -79,7 +90,8 @@ class ActivationCache(Mapping[str, torch.Tensor]):
 
     def _new(self, tensors: Mapping[str, torch.Tensor]) -> ActivationCache:
         new = type(self)(tensors, layer_format=self.layer_format)
-        new.aliases = dict(self.aliases)
+        if self._aliases is not None:
+            new._aliases = dict(self._aliases)
         return new
 
     @property

@@ -32,14 +32,16 @@ class Gemma3Cache(ActivationCache):
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, layer_format: str | None = LAYER_FORMAT):
-        tensors = dict(tensors or {})
+        super().__init__(tensors, layer_format=layer_format or LAYER_FORMAT)
+
+    def _default_aliases(self) -> dict[str, str]:
         known: dict[str, str] = {}
-        for name in tensors:
+        for name in self:
             try:
                 known.update(dict.fromkeys(aliases_of(name), name))
             except KeyError:  # not a site name of this model (a hand-built cache may hold others)
                 continue
-        super().__init__(tensors, layer_format=layer_format or LAYER_FORMAT, aliases=known)
+        return known
 
     def decompose_resid(self, layer: int | None = None) -> tuple[torch.Tensor, list[str]]:
         """The residual stream entering ``layer`` (default: after the last cached layer) as its parts.
