@@ -1,8 +1,9 @@
 """Every site of the Gemma 3 model, written once: name, shape, axes, aliases, description.
 
 Everything else is derived from :data:`SITES`: the registry's names and per-site facts, the
-Hugging Face aliases, shape and memory estimates, which sites force the explicit attention
-path, ``python -m interp info``, and the README's table (a test checks it matches).
+Hugging Face and TransformerLens aliases, shape and memory estimates, which sites force the
+explicit attention path, ``python -m interp info``, and the README's tables (a test checks the
+site table matches).
 
 Shape symbols: ``b`` batch, ``s`` sequence (queries), ``k`` keys, ``d`` d_model, ``h`` query
 heads, ``kv`` key/value heads, ``hd`` d_head, ``f`` d_mlp, ``v`` vocabulary.
