@@ -35,21 +35,49 @@ class ActivationCache(Mapping[str, torch.Tensor]):
     """A read-only mapping from site name to tensor (detached unless gradients were asked for).
 
     ``layer_format`` (e.g. ``"blocks.{layer}."``, set by the model that filled the cache) lets
-    :meth:`layers` and :meth:`stack` find one kind of site across layers.
+    :meth:`layers` and :meth:`stack` find one kind of site across layers. ``aliases`` maps other
+    spellings of a site name (Hugging Face or TransformerLens names) to the name it is stored
+    under: ``cache[alias]`` finds the same tensor, while iteration and files keep the site names.
+
+    >>> c = ActivationCache({"blocks.3.resid_post": torch.ones(1)}, aliases={"blocks.3.hook_resid_post":
+    ...     "blocks.3.resid_post"})
+    >>> c["blocks.3.hook_resid_post"] is c["blocks.3.resid_post"], list(c), "blocks.3.hook_resid_post" in c
+    (True, ['blocks.3.resid_post'], True)
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, layer_format: str | None = None):
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, layer_format: str | None = None,
+                 aliases: Mapping[str, str] | None = None):
         self._t: dict[str, torch.Tensor] = dict(tensors or {})
         self.layer_format = layer_format
+        self._aliases = None if aliases is None else dict(aliases)
+        clash = [a for a in self._aliases or () if a in self._t]
+        if clash:
+            raise ValueError(f"aliases {clash[:3]} are also stored names; an alias must be another spelling")
         self._names = SiteNames(self._t, layer_format=layer_format) if layer_format else None
 
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Other spellings of the stored names -> the stored name (built on first use)."""
+        if self._aliases is None:
+            self._aliases = self._default_aliases()
+        return self._aliases
+
+    def _default_aliases(self) -> dict[str, str]:
+        """The aliases of a cache built without ``aliases=`` (a model's cache class derives them)."""
+        return {}
+
     def __getitem__(self, name: str) -> torch.Tensor:
-        try:
+        if name in self._t:
             return self._t[name]
-        except KeyError:
-            raise KeyError(
-                f"{name!r} is not in this cache ({len(self._t)} sites cached); cache it with "
-                f"run_with_cache(..., names={name!r}) or names=None for every site") from None
+        if name in self.aliases and self.aliases[name] in self._t:
+            return self._t[self.aliases[name]]
+        site = f" (an alias of {self.aliases[name]!r})" if name in self.aliases else ""
+        raise KeyError(
+            f"{name!r}{site} is not in this cache ({len(self._t)} sites cached); cache it with "
+            f"run_with_cache(..., names={name!r}) or names=None for every site")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._t or self.aliases.get(name) in self._t  # type: ignore[call-overload]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._t)
@@ -61,7 +89,10 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         return f"{type(self).__name__}({len(self)} sites, {self.nbytes / 2**20:.1f} MiB)"
 
     def _new(self, tensors: Mapping[str, torch.Tensor]) -> ActivationCache:
-        return type(self)(tensors, layer_format=self.layer_format)
+        new = type(self)(tensors, layer_format=self.layer_format)
+        if self._aliases is not None:
+            new._aliases = dict(self._aliases)
+        return new
 
     @property
     def nbytes(self) -> int:

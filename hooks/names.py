@@ -113,10 +113,11 @@ class SiteNames:
     def resolve(self, spec: NameSpec) -> list[str]:
         """Canonical names matched by ``spec``, in model order.
 
-        ``spec`` is an exact name, an alias, a glob (``*``, ``?``, ``[..]``, ``{a,b}``), a list
-        of those, a predicate ``fn(name) -> bool``, or None for every name. Anything that
-        matches nothing (a string, a list item, a brace alternative, or a predicate true for no
-        name) raises :class:`UnknownSiteError` with the closest names.
+        ``spec`` is an exact name, an alias, a glob (``*``, ``?``, ``[..]``, ``{a,b}``; it matches
+        aliases too, e.g. ``blocks.*.hook_resid_post``), a list of those, a predicate
+        ``fn(name) -> bool``, or None for every name. Anything that matches nothing (a string, a
+        list item, a brace alternative, or a predicate true for no name) raises
+        :class:`UnknownSiteError` with the closest names.
         """
         if spec is None:
             return list(self.names)
@@ -148,11 +149,16 @@ class SiteNames:
             elif pattern in self.aliases:
                 found = [self.aliases[pattern]]
             else:
-                found = fnmatch.filter(self.names, pattern) if any(c in pattern for c in "*?[") else []
+                found = self._glob(pattern) if any(c in pattern for c in "*?[") else []
             if not found:  # every alternative must match: blocks.{3,99}.x on 6 layers is a typo
                 raise UnknownSiteError(self.unknown_message(pattern))
             hits.extend(found)
         return hits
+
+    def _glob(self, pattern: str) -> list[str]:
+        """Names matched by a glob, directly or through an alias (``blocks.*.hook_resid_post``)."""
+        found = fnmatch.filter(self.names, pattern)
+        return found + [self.aliases[a] for a in fnmatch.filter(self.aliases, pattern)]
 
     def unknown_message(self, item: str) -> str:
         """An "unknown site" message with the nearest valid names (by kind first, for globs)."""

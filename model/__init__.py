@@ -13,9 +13,10 @@ from .generate import Generation
 from .inputs import InputError, Prompt
 from .kvcache import KVCache
 from .runs import CacheTooLargeError
-from .sites import SITES, hf_aliases, site_names
+from .sites import SITES, hf_aliases, site_names, tl_aliases, tl_name
 
 __all__ = [
     "Gemma3", "Gemma3Config", "Gemma3Cache", "Generation", "ConfigError", "CheckpointError", "InputError",
     "UnreachableSiteError", "CacheTooLargeError", "KVCache", "Prompt", "SITES", "site_names", "hf_aliases",
+    "tl_aliases", "tl_name",
 ]

@@ -19,14 +19,29 @@ from collections.abc import Mapping
 import torch
 
 from ..hooks import ActivationCache
-from .sites import LAYER_FORMAT, block_site
+from .sites import LAYER_FORMAT, aliases_of, block_site
 
 
 class Gemma3Cache(ActivationCache):
-    """An :class:`~interp.hooks.ActivationCache` of a Gemma 3 run, with the residual algebra."""
+    """An :class:`~interp.hooks.ActivationCache` of a Gemma 3 run, with the residual algebra.
+
+    Indexing takes a site's Hugging Face and TransformerLens aliases too (keys stay site names):
+
+    >>> Gemma3Cache({"blocks.3.resid_post": torch.ones(1)})["blocks.3.hook_resid_post"]
+    tensor([1.])
+    """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, layer_format: str | None = LAYER_FORMAT):
         super().__init__(tensors, layer_format=layer_format or LAYER_FORMAT)
+
+    def _default_aliases(self) -> dict[str, str]:
+        known: dict[str, str] = {}
+        for name in self:
+            try:
+                known.update(dict.fromkeys(aliases_of(name), name))
+            except KeyError:  # not a site name of this model (a hand-built cache may hold others)
+                continue
+        return known
 
     def decompose_resid(self, layer: int | None = None) -> tuple[torch.Tensor, list[str]]:
         """The residual stream entering ``layer`` (default: after the last cached layer) as its parts.

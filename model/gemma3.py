@@ -38,7 +38,7 @@ from .inputs import (
 )
 from .kvcache import KVCache
 from .layers import Block, RMSNorm, embed_scale, rope_tables
-from .sites import LAYER_FORMAT, hf_aliases, site_info, site_names
+from .sites import LAYER_FORMAT, aliases, site_info, site_names
 
 
 class UnreachableSiteError(InputError):
@@ -64,7 +64,7 @@ class Gemma3(GenerateMixin):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.eps)
-        names = SiteNames(site_names(cfg), hf_aliases(cfg), layer_format=LAYER_FORMAT)
+        names = SiteNames(site_names(cfg), aliases(cfg), layer_format=LAYER_FORMAT)
         self.registry = HookRegistry(names, site_info(cfg))
         self.attn_impl = "auto"
 
