@@ -211,3 +211,39 @@ def test_saelens_reads_our_files_with_their_hook_names(tmp_path, name):
     with torch.no_grad():
         torch.testing.assert_close(d.encode(x), theirs["encode"], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(d.forward(x), theirs["forward"], atol=1e-6, rtol=1e-5)
+
+
+def test_gated_normalize_decoder_keeps_the_output():
+    d = GatedSAE.random(16, 32, seed=2)
+    with torch.no_grad():
+        d.W_dec.mul_(torch.linspace(0.5, 2.0, 32)[:, None])
+    x = torch.randn(4, 16)
+    before = d.forward(x)
+    d.normalize_decoder()
+    torch.testing.assert_close(d.forward(x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings, named", [
+    (Settings(apply_b_dec_to_input=True), "apply_b_dec_to_input"),
+    (Settings(rescale_acts_by_decoder_norm=True), "rescale_acts_by_decoder_norm"),
+    (Settings(reshape_activations="hook_z"), "hook_z"),
+])
+def test_a_transcoder_refuses_what_saelens_transcoders_refuse(settings, named):
+    with pytest.raises(ValueError, match=named):
+        Transcoder(torch.randn(16, 32), torch.randn(32, 12), settings=settings)
+
+
+@pytest.mark.parametrize("kwargs, named", [({"normalize_activations": "rms"}, "rms"),
+                                           ({"scaling_factor": 2.0}, "scaling_factor"),
+                                           ({"normalize_activations": "expected_average_only_in",
+                                             "scaling_factor": -1.0}, "positive"),
+                                           ({"apply_b_dec_to_input": 1}, "apply_b_dec_to_input")])
+def test_bad_settings_are_named(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        Settings(**kwargs)
+
+
+def test_decoder_norm_rescaling_forbids_normalising_the_decoder():
+    d = TopKSAE(torch.randn(16, 32), torch.randn(32, 16), k=3, settings=Settings(rescale_acts_by_decoder_norm=True))
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm"):
+        d.normalize_decoder()
