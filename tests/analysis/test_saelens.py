@@ -247,3 +247,22 @@ def test_decoder_norm_rescaling_forbids_normalising_the_decoder():
     d = TopKSAE(torch.randn(16, 32), torch.randn(32, 16), k=3, settings=Settings(rescale_acts_by_decoder_norm=True))
     with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm"):
         d.normalize_decoder()
+
+
+def test_settings_apply_where_the_dictionary_is_spliced():
+    from interp.features import run_with_saes
+    from interp.model import Gemma3
+    from support import TINY
+
+    m = Gemma3.from_config(TINY, seed=1)
+    ids = torch.tensor([[2, 17, 5, 9, 33]])
+    base = StandardSAE.random(TINY.d_model, 48, seed=0)
+    sae = StandardSAE(base.W_enc, base.W_dec, b_dec=torch.randn(TINY.d_model) * 0.1, site="blocks.1.resid_post",
+                      settings=Settings(normalize_activations="layer_norm", apply_b_dec_to_input=True))
+    spliced, _ = run_with_saes(m, ids, [sae], splice=True)
+    _, cache = m.run_with_cache(ids, names="blocks.1.resid_post")
+    x = cache["blocks.1.resid_post"]
+    mu, std = x.mean(-1, keepdim=True), (x - x.mean(-1, keepdim=True)).std(-1, keepdim=True)
+    acts = torch.relu(((x - mu) / (std + 1e-5) - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    recon = (acts @ sae.W_dec + sae.b_dec) * std + mu
+    torch.testing.assert_close(spliced, m(recon, start_at_layer=2), rtol=0, atol=1e-5)
