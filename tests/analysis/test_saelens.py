@@ -250,9 +250,10 @@ def test_decoder_norm_rescaling_forbids_normalising_the_decoder():
 
 
 def test_settings_apply_where_the_dictionary_is_spliced():
+    from support import TINY
+
     from interp.features import run_with_saes
     from interp.model import Gemma3
-    from support import TINY
 
     m = Gemma3.from_config(TINY, seed=1)
     ids = torch.tensor([[2, 17, 5, 9, 33]])
