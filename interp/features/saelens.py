@@ -8,7 +8,8 @@ config's ``dtype`` unless the caller asks for another. A setting or key this rea
 is an error naming it, never a dictionary that silently computes something else.
 
 Written by :func:`save_dictionary`: what SAELens 6 reads back whole (``metadata.sae_lens_version``,
-``metadata.hook_name`` in TransformerLens spelling, our own site names beside it), so
+``metadata.hook_name`` in TransformerLens spelling, ``hf_hook_name`` as Gemma Scope 2 spells it,
+and our own site names beside them), so
 ``SAE.load_from_disk`` keeps the hook and ``HookedSAETransformer.add_sae`` attaches it.
 """
 
@@ -68,6 +69,21 @@ def tl_hook_name(site: str | None) -> str | None:
     if m and m.group(2) in _TL_KINDS:
         return f"blocks.{m.group(1)}.{_TL_KINDS[m.group(2)]}"
     return site
+
+
+def hf_hook_name(site: str | None) -> str | None:
+    """The Hugging Face module path of one of our sites (as Gemma Scope 2 names it), or None.
+
+    >>> hf_hook_name("blocks.3.pre_mlp_norm")
+    'model.layers.3.pre_feedforward_layernorm'
+    """
+    from ..model.sites import BY_KIND, HF_LAYER
+
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", site or "")
+    kind = BY_KIND.get(m.group(2)) if m else None
+    if m is None or kind is None or not kind.hf:
+        return None
+    return kind.hf[0].format(p=HF_LAYER.format(layer=int(m.group(1))))
 
 
 def _dtype(cfg: dict[str, Any], where: Path) -> torch.dtype:
@@ -206,7 +222,7 @@ def save_dictionary(d: Dictionary, path: str | os.PathLike, *, saelens_readable:
     for name, t in d.extra_tensors().items():
         tensors[name] = t.T if name == "W_skip" else t  # SAELens stores W_skip [d_out, d_in]
     meta: dict[str, Any] = {"sae_lens_version": SAELENS_VERSION, "hook_name": tl_hook_name(d.site),
-                            "interp_site": d.site, "saved_by": "gemma3-interp"}
+                            "hf_hook_name": hf_hook_name(d.site), "interp_site": d.site, "saved_by": "gemma3-interp"}
     cfg: dict[str, Any] = {
         "architecture": arch, "d_in": d.d_in, "d_sae": d.d_sae, "dtype": str(d.W_enc.dtype).removeprefix("torch."),
         "device": "cpu", "apply_b_dec_to_input": s.apply_b_dec_to_input,
@@ -217,7 +233,8 @@ def save_dictionary(d: Dictionary, path: str | os.PathLike, *, saelens_readable:
         cfg["rescale_acts_by_decoder_norm"] = s.rescale_acts_by_decoder_norm
     if isinstance(d, Transcoder):
         cfg["d_out"] = d.d_out
-        meta.update({"hook_name_out": tl_hook_name(d.site_out), "interp_site_out": d.site_out})
+        meta.update({"hook_name_out": tl_hook_name(d.site_out), "hf_hook_name_out": hf_hook_name(d.site_out),
+                     "interp_site_out": d.site_out})
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / SAELENS_WEIGHTS))
@@ -225,4 +242,5 @@ def save_dictionary(d: Dictionary, path: str | os.PathLike, *, saelens_readable:
     return folder
 
 
-__all__ = ["SAELENS_CFG", "SAELENS_WEIGHTS", "SAELENS_VERSION", "load_saelens", "save_dictionary", "tl_hook_name"]
+__all__ = ["SAELENS_CFG", "SAELENS_WEIGHTS", "SAELENS_VERSION", "load_saelens", "save_dictionary", "tl_hook_name",
+           "hf_hook_name"]

@@ -150,7 +150,12 @@ def test_our_files_read_back_equal_with_settings(tmp_path, name):
     d = _ours()[name]
     back = load_dictionary(save_dictionary(d, tmp_path / name))
     cfg = json.loads((tmp_path / name / "cfg.json").read_text())
-    assert cfg["metadata"]["sae_lens_version"] and cfg["metadata"]["hook_name"].startswith("blocks.")
+    meta = cfg["metadata"]
+    assert meta["sae_lens_version"] and meta["hook_name"].startswith("blocks.") and meta["interp_site"] == d.site
+    assert meta["hf_hook_name"].startswith("model.layers.")
+    if isinstance(d, Transcoder):
+        assert (meta["hook_name_out"], meta["hf_hook_name_out"]) == ("blocks.1.hook_mlp_out",
+                                                                     "model.layers.1.post_feedforward_layernorm")
     assert type(back) is type(d) and back.settings == d.settings and back.site == d.site
     x = torch.randn(5, 16)
     torch.testing.assert_close(back.forward(x), d.forward(x), rtol=0, atol=0)
