@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 
 from ..tokens import Top
+from .architectures import ARCHITECTURES, AbsTopKSAE, GatedSAE, StandardSAE
 from .clt import CrossLayerTranscoder
 from .dashboard import TopActivations, feature_dashboard, feature_index, logit_effects, top_activations
-from .dictionary import ARCHITECTURES, Dictionary, JumpReLUSAE, TopKSAE, Transcoder
+from .dictionary import Dictionary, JumpReLUSAE, TopKSAE, Transcoder
 from .interventions import clt_hooks, dictionary_hooks, run_with_dictionaries, run_with_saes
 from .io import DictionaryFileError, check_fits, download, from_hub, load_dictionary, save_dictionary
 from .quality import DictionaryComparison, FeatureEval, compare_dictionaries, evaluate
+from .settings import Settings
 from .training import TrainingError, TrainingLog, train
 
 
@@ -30,8 +32,8 @@ def top_features(acts: torch.Tensor, k: int = 10, position: int = -1, row: int =
     return [Top((int(i),), float(v), f"F{int(i)}") for i, v in zip(idx, values) if v > 0]
 
 
-__all__ = ["Dictionary", "JumpReLUSAE", "TopKSAE", "Transcoder", "CrossLayerTranscoder", "ARCHITECTURES",
-           "dictionary_hooks", "clt_hooks",
+__all__ = ["Dictionary", "JumpReLUSAE", "TopKSAE", "Transcoder", "StandardSAE", "GatedSAE", "AbsTopKSAE", "Settings",
+           "CrossLayerTranscoder", "ARCHITECTURES", "dictionary_hooks", "clt_hooks",
            "run_with_dictionaries", "run_with_saes", "load_dictionary", "save_dictionary", "check_fits", "download",
            "from_hub", "DictionaryFileError", "top_features", "evaluate", "FeatureEval", "compare_dictionaries",
            "DictionaryComparison", "feature_dashboard", "feature_index", "top_activations", "TopActivations",

@@ -74,7 +74,7 @@ def demo_transcoders(model: Gemma3, layers: Sequence[int] | None = None, *, toke
                        checkpoint_dir=root / f".train_{i}")
             partial = root / f".layer_{i}.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            save_dictionary(tc, partial)
+            save_dictionary(tc, partial, saelens_readable=False)  # a TopK transcoder: SAELens has none
             shutil.rmtree(done[i], ignore_errors=True)  # an incomplete one, left by hand
             os.replace(partial, done[i])  # a layer is done only once its files are complete
             shutil.rmtree(root / f".train_{i}", ignore_errors=True)

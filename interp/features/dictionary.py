@@ -9,6 +9,12 @@ stored ``[d_in, d_out]``). Shapes: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_ou
 
 - :class:`JumpReLUSAE`: a feature fires only above its own threshold, ``relu(pre) * (pre > threshold)``.
 - :class:`TopKSAE`: the ``k`` largest pre-activations of each token fire (after a ReLU).
+- :mod:`.architectures`: SAELens's standard (ReLU), gated and AbsTopK SAEs, and the
+  ``ARCHITECTURES`` table.
+
+Every dictionary carries :class:`~interp.features.settings.Settings` (``d.settings``): SAELens's
+inference settings (b_dec subtracted from the input, input normalisation, decoder-norm rescaling,
+hook_z reshaping), applied by ``encode``/``decode``/``forward`` wherever the dictionary runs.
 
 >>> import torch
 >>> sae = JumpReLUSAE.random(d_in=4, d_sae=8, seed=0)
@@ -24,6 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .settings import Normalizer, Settings
+
 
 def _param(t: torch.Tensor) -> nn.Parameter:
     """A frozen, contiguous copy of ``t`` (training unfreezes what it trains)."""
@@ -36,9 +44,12 @@ class Dictionary(nn.Module):
     writes back where it reads)."""
 
     architecture: ClassVar[str] = ""
+    #: SAELens undoes the input normalisation on the output of an SAE, not of a transcoder.
+    denormalizes_output: ClassVar[bool] = True
 
     def __init__(self, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | None = None,
-                 b_dec: torch.Tensor | None = None, *, site: str | None = None, site_out: str | None = None):
+                 b_dec: torch.Tensor | None = None, *, site: str | None = None, site_out: str | None = None,
+                 settings: Settings | None = None):
         super().__init__()
         if W_enc.dim() != 2 or W_dec.dim() != 2 or W_dec.shape[0] != W_enc.shape[1]:
             raise ValueError(f"W_enc must be [d_in, d_sae] and W_dec [d_sae, d_out]; got {tuple(W_enc.shape)} and "
@@ -55,6 +66,13 @@ class Dictionary(nn.Module):
         self.b_enc = _param(b_enc)
         self.b_dec = _param(b_dec)
         self.site, self.site_out = site, site_out
+        self.settings = Settings() if settings is None else settings
+        if not isinstance(self.settings, Settings):
+            raise TypeError(f"settings must be an interp.features.settings.Settings, got {type(settings).__name__}")
+        if self.settings.apply_b_dec_to_input and d_out != self.d_in:
+            raise ValueError(f"apply_b_dec_to_input subtracts b_dec (width {d_out}) from the input (width "
+                             f"{self.d_in}); it needs d_out == d_in")
+        self._norm = Normalizer()
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -79,7 +97,9 @@ class Dictionary(nn.Module):
 
     def __repr__(self) -> str:
         where = f"{self.site} -> {self.site_out}" if self.site_out else f"{self.site}"
-        return f"{type(self).__name__}({self.d_in} -> {self.d_sae} features -> {self.d_out}, site={where})"
+        extra = self.settings.describe()
+        return (f"{type(self).__name__}({self.d_in} -> {self.d_sae} features -> {self.d_out}, site={where}"
+                f"{', ' + extra if extra else ''})")
 
     # ------------------------------------------------------------------ the maps
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,14 +112,33 @@ class Dictionary(nn.Module):
         """Pre-activations -> feature activations (each architecture's own rule)."""
         raise NotImplementedError
 
+    def sae_in(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the weights see it: cast, reshaped, normalised, ``b_dec`` subtracted, as
+        :attr:`settings` say (remembering the statistics :meth:`decode` undoes)."""
+        s = self.settings
+        b_dec = self.b_dec if s.apply_b_dec_to_input else None
+        return self._norm.input(s, x, self.d_in, self.W_enc.dtype, b_dec, type(self).__name__)
+
+    def _features(self, sae_in: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_acts(sae_in)
+        if self.settings.rescale_acts_by_decoder_norm:
+            pre = pre * self.W_dec.norm(dim=-1)
+        return self.activation(pre)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations ``[..., d_sae]`` (zero where a feature does not fire)."""
-        return self.activation(self.pre_acts(x))
+        return self._features(self.sae_in(x))
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        """``acts @ W_dec + b_dec``: ``[..., d_out]`` (a transcoder's skip term is not included;
-        :meth:`forward` adds it)."""
-        return acts.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        """``acts @ W_dec + b_dec``: ``[..., d_out]``, with :attr:`settings`' output steps (a
+        transcoder's skip term is not included; :meth:`forward` adds it)."""
+        acts = acts.to(self.W_dec.dtype)
+        if self.settings.rescale_acts_by_decoder_norm:
+            acts = acts / self.W_dec.norm(dim=-1)
+        out = acts @ self.W_dec + self.b_dec
+        if self.settings.plain or not self.denormalizes_output:
+            return out
+        return self._norm.output(self.settings, out, type(self).__name__)
 
     def skip(self, x: torch.Tensor) -> torch.Tensor | None:
         """The affine skip term of ``x`` (None without one)."""
@@ -124,6 +163,9 @@ class Dictionary(nn.Module):
     def normalize_decoder(self) -> None:
         """Scale each feature's decoder row to unit norm, moving the scale into the encoder so the
         output does not change (threshold scaled with it)."""
+        if self.settings.rescale_acts_by_decoder_norm:
+            raise ValueError("rescale_acts_by_decoder_norm reads the decoder norms; normalising them changes the "
+                             "features (SAELens refuses the same fold)")
         norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
         self.W_dec.div_(norms[:, None])
         self.W_enc.mul_(norms[None, :])
@@ -215,10 +257,13 @@ class TopKSAE(Dictionary):
 
 class Transcoder(Dictionary):
     """Reads ``site`` and predicts ``site_out``: ``acts @ W_dec + b_dec`` (+ ``x @ W_skip`` for a
-    skip transcoder). Features fire by JumpReLU (``threshold``, as Gemma Scope 2's transcoders) or,
-    when ``k`` is given, by TopK."""
+    skip transcoder, on the raw input). Features fire by JumpReLU (``threshold``, as Gemma Scope 2's
+    transcoders), when ``k`` is given by TopK, and with neither by ReLU (SAELens's ``transcoder``).
+    As in SAELens, an input normalisation is not undone on the output and ``apply_b_dec_to_input``
+    and ``hook_z`` do not apply."""
 
     architecture = "transcoder"
+    denormalizes_output = False
 
     def __init__(self, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | None = None,
                  b_dec: torch.Tensor | None = None, threshold: torch.Tensor | None = None,
@@ -229,7 +274,12 @@ class Transcoder(Dictionary):
         self.k = k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.d_sae):
             raise ValueError(f"k must be an int in 1..{self.d_sae}, got {k!r}")
-        threshold = torch.zeros(self.d_sae, dtype=W_enc.dtype) if threshold is None and k is None else threshold
+        for bad in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+            if getattr(self.settings, bad):
+                raise ValueError(f"a transcoder does not take {bad} (SAELens's transcoders refuse it too)")
+        if self.settings.reshape_activations != "none":
+            raise ValueError("a transcoder does not take reshape_activations='hook_z' (SAELens's transcoders do not "
+                             "reshape)")
         if threshold is not None and tuple(threshold.shape) != (self.d_sae,):
             raise ValueError(f"threshold has shape {tuple(threshold.shape)}; it must be ({self.d_sae},)")
         self.threshold = None if threshold is None else _param(threshold)
@@ -242,7 +292,8 @@ class Transcoder(Dictionary):
         if self.k is not None:
             values, idx = pre.topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
-        assert self.threshold is not None
+        if self.threshold is None:
+            return torch.relu(pre)
         return torch.relu(pre) * (pre > self.threshold)
 
     def skip(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -280,6 +331,4 @@ class Transcoder(Dictionary):
                    site_out=f"blocks.{layer}.post_mlp_norm")
 
 
-ARCHITECTURES: dict[str, type[Dictionary]] = {"jumprelu": JumpReLUSAE, "topk": TopKSAE, "transcoder": Transcoder}
-
-__all__ = ["Dictionary", "JumpReLUSAE", "TopKSAE", "Transcoder", "ARCHITECTURES"]
+__all__ = ["Dictionary", "JumpReLUSAE", "TopKSAE", "Transcoder"]

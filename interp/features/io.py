@@ -31,11 +31,12 @@ from .saelens import SAELENS_CFG, SAELENS_WEIGHTS, load_saelens, save_dictionary
 
 def load_dictionary(path: str | os.PathLike, *, site: str | None = None, site_out: str | None = None,
                     model: Any = None, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> Dictionary:
+                    dtype: torch.dtype | None = None) -> Dictionary:
     """Load a dictionary from a folder or file in any supported layout (see the module docstring).
 
     ``site``/``site_out`` override what the config names. With ``model``, the sites are resolved
-    through its registry (Hugging Face paths included) and the widths checked.
+    through its registry (Hugging Face paths included) and the widths checked. ``dtype`` None keeps
+    the file's (a SAELens config's ``dtype``; Gemma Scope's float32).
 
     >>> sae = load_dictionary("resid_post_all/layer_6_width_16k_l0_small", model=m)   # doctest: +SKIP
     """
@@ -43,15 +44,14 @@ def load_dictionary(path: str | os.PathLike, *, site: str | None = None, site_ou
     if not p.exists():
         raise DictionaryFileError(f"{p} holds no dictionary: there is no such file or folder")
     if p.is_dir() and (p / SAELENS_CFG).is_file():
-        out = load_saelens(p)
+        out = load_saelens(p, dtype=dtype, device=device)
     elif is_gemma_scope(p):
-        out = load_gemma_scope(p)
+        out = load_gemma_scope(p).to(device=device, dtype=dtype or torch.float32)
     else:
         raise DictionaryFileError(f"{p} holds no dictionary: expected params.safetensors / params.npz (Gemma "
                                   f"Scope) or {SAELENS_CFG} + {SAELENS_WEIGHTS} (SAELens)")
     out.site = site or out.site
     out.site_out = site_out or out.site_out
-    out = out.to(device=device, dtype=dtype)
     if model is not None:
         check_fits(out, model)
     return out
