@@ -124,7 +124,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         return self._new({k: v.to(*args, **kwargs) for k, v in self._t.items()})
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike, allow_non_finite: bool = False) -> None:
+    def save(self, path: str | os.PathLike[str], allow_non_finite: bool = False) -> None:
         """Write the cache to a safetensors file (no pickle; :meth:`load` reads it).
 
         A cache holding NaN or inf is refused (it usually means a broken run) unless
@@ -148,7 +148,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         save_file({k: v.detach().contiguous().cpu() for k, v in self._t.items()}, os.fspath(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
              names: Iterable[str] | None = None) -> ActivationCache:
         """Read a cache written by :meth:`save`; ``names`` (e.g. ``model.site_names()``) checks
         that every key is a site of that model. Any other safetensors file (a model's weights,

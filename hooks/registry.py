@@ -301,7 +301,7 @@ def backward_hook(fn: Callable[[torch.Tensor, Site], torch.Tensor | None]) -> Ho
 
     def hook(x: torch.Tensor, site: Site) -> None:
         if x.requires_grad:
-            x.register_hook(lambda grad: fn(grad, site))
+            x.register_hook(lambda grad: fn(grad, site))  # type: ignore[no-untyped-call]
         return None
 
     return hook

@@ -143,7 +143,7 @@ class _Run:
             raise_non_finite(f"generate(): the logits of step {len(self.new) + 1}", partial(model, ids, mask))
         self.sampler.update(token)
         self.new.append(token)
-        tokens = packed[0]
+        tokens: list[int] = packed[0]
         for row, (tok, stopped) in enumerate(zip(tokens, packed[1])):
             if self.done_host[row]:
                 continue

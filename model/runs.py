@@ -26,7 +26,7 @@ from ..hooks.registry import ResolvedNames
 from .base import ModelBase
 from .cache import Gemma3Cache
 from .inputs import PreparedInput, check_layers, check_mask, is_resid, to_ids
-from .sites import HEAVY_KINDS, kind_of, site_shape
+from .sites import HEAVY_KINDS, block_site, kind_of, site_shape
 
 
 class CacheTooLargeError(MemoryError):
@@ -66,7 +66,8 @@ class RunsMixin(ModelBase):
     def run_with_hooks(self, prompt: Any, hooks: HookSpec, **kwargs: Any) -> torch.Tensor:
         """``forward`` with ``hooks`` active for this call only (see :meth:`Gemma3.hooks`)."""
         with self.registry.scope(hooks):
-            return self(prompt, **kwargs)
+            out: torch.Tensor = self(prompt, **kwargs)
+            return out
 
     def backward_hooks(self, hooks: HookSpec) -> Any:
         """Hooks on gradients, by site name: ``fn(grad, site) -> Tensor | None`` runs when the
@@ -167,7 +168,7 @@ class RunsMixin(ModelBase):
         prepared = self._prepare(prompt, names, kwargs)
         cache_names = ResolvedNames(prepared.names)
         start = kwargs.get("start_at_layer") or 0
-        first = f"blocks.{start}.resid_pre" if start > 0 or is_resid(prompt) else "embed"
+        first = block_site(start, "resid_pre") if start > 0 or is_resid(prompt) else "embed"
         store: dict[str, torch.Tensor] = {}
 
         def make_leaf(t: torch.Tensor, site: Site) -> torch.Tensor | None:

@@ -39,6 +39,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..model.sites import split_site
+
 SITE_IN = "blocks.{layer}.pre_mlp_norm"
 SITE_OUT = "blocks.{layer}.post_mlp_norm"
 
@@ -344,7 +346,7 @@ class CrossLayerTranscoder(nn.Module):
                 names.append(found[0])
             resolved[attr] = names
         for i, (a, b) in enumerate(zip(resolved["sites_in"], resolved["sites_out"])):
-            if not (a.startswith(f"blocks.{i}.") and b.startswith(f"blocks.{i}.")):
+            if not (split_site(a)[0] == i and split_site(b)[0] == i):
                 raise DictionaryFileError(f"layer {i} of the CLT resolves to {a} -> {b}, not layer {i}'s sites: "
                                           "spell site/site_out with {layer} (e.g. 'blocks.{layer}.pre_mlp_norm')")
         self.sites_in, self.sites_out = resolved["sites_in"], resolved["sites_out"]

@@ -78,7 +78,12 @@ def demo_transcoders(model: Gemma3, layers: Sequence[int] | None = None, *, toke
             shutil.rmtree(done[i], ignore_errors=True)  # an incomplete one, left by hand
             os.replace(partial, done[i])  # a layer is done only once its files are complete
             shutil.rmtree(root / f".train_{i}", ignore_errors=True)
-    return [load_dictionary(done[i], model=model) for i in chosen]
+    loaded: list[Dictionary] = []
+    for i in chosen:
+        found = load_dictionary(done[i], model=model)
+        assert isinstance(found, Dictionary), f"{done[i]} holds a {type(found).__name__}, not a transcoder"
+        loaded.append(found)
+    return loaded
 
 
 def demo_store(model: Gemma3, layers: Sequence[int] | None = None, *, tokens: int = 8192, d_sae: int = 512,

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..model.sites import block_site
 from .settings import Normalizer, Settings
 
 
@@ -327,8 +328,8 @@ class Transcoder(Dictionary):
         gen = torch.Generator().manual_seed(seed + 1)
         thr = None if k is not None else torch.rand(d_sae, generator=gen) * 2 * threshold
         w_skip = torch.randn(d, d, generator=gen) * 0.01 if skip else None
-        return cls(w_enc * 0.5, w_dec, threshold=thr, W_skip=w_skip, k=k, site=f"blocks.{layer}.pre_mlp_norm",
-                   site_out=f"blocks.{layer}.post_mlp_norm")
+        return cls(w_enc * 0.5, w_dec, threshold=thr, W_skip=w_skip, k=k, site=block_site(layer, "pre_mlp_norm"),
+                   site_out=block_site(layer, "post_mlp_norm"))
 
 
 __all__ = ["Dictionary", "JumpReLUSAE", "TopKSAE", "Transcoder"]

@@ -31,7 +31,7 @@ from .saelens import SAELENS_CFG, SAELENS_WEIGHTS, load_saelens, save_dictionary
 
 def load_dictionary(path: str | os.PathLike, *, site: str | None = None, site_out: str | None = None,
                     model: Any = None, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> Dictionary:
+                    dtype: torch.dtype | None = None) -> Dictionary | CrossLayerTranscoder:
     """Load a dictionary from a folder or file in any supported layout (see the module docstring).
 
     ``site``/``site_out`` override what the config names. With ``model``, the sites are resolved
@@ -106,7 +106,7 @@ def download(repo_id: str, folder: str, *, token: str | None = None) -> Path:
     return local
 
 
-def from_hub(repo_id: str, folder: str, **kwargs: Any) -> Dictionary:
+def from_hub(repo_id: str, folder: str, **kwargs: Any) -> Dictionary | CrossLayerTranscoder:
     """:func:`download` then :func:`load_dictionary` (``kwargs`` go to the latter)."""
     return load_dictionary(download(repo_id, folder), **kwargs)
 

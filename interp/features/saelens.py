@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..model.sites import BY_KIND, LAYER_FORMAT, SITES, block_site, split_site, tl_name
 from .architectures import AbsTopKSAE, GatedSAE, StandardSAE
 from .dictionary import Dictionary, JumpReLUSAE, TopKSAE, Transcoder
 from .files import DictionaryFileError, hf_hook, read_json, read_tensors
@@ -31,9 +32,10 @@ from .settings import Settings
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 #: The SAELens release the written layout was checked against (``SAE.load_from_disk``).
 SAELENS_VERSION = "6.54.0"
-_TL_KINDS = {"resid_post": "hook_resid_post", "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid",
-             "pre_mlp_norm": "hook_mlp_in", "post_mlp_norm": "hook_mlp_out", "attn.z": "attn.hook_z",
-             "post_attn_norm": "hook_attn_out", "mlp.hidden": "mlp.hook_post"}
+#: Where SAELens attaches a dictionary on a site that has no exactly equal TransformerLens name (the
+#: site table's ``tl`` aliases cover the rest): an MLP-input transcoder's ``hook_mlp_in``.
+_SAELENS_ONLY = {"pre_mlp_norm": "hook_mlp_in"}
+_FROM_TL = {**{s.tl: s.kind for s in SITES if s.tl}, **{tl: kind for kind, tl in _SAELENS_ONLY.items()}}
 _SAES: dict[str, type[Dictionary]] = {"standard": StandardSAE, "gated": GatedSAE, "jumprelu": JumpReLUSAE,
                                       "topk": TopKSAE, "abstopk": AbsTopKSAE}
 #: SAELens transcoder architectures -> (fires by threshold, has W_skip); ``topk_transcoder`` is ours.
@@ -49,12 +51,10 @@ def _from_tl(hook: str | None) -> str | None:
     """Our site for a TransformerLens-style hook name SAELens configs use (``blocks.3.hook_resid_post``)."""
     if not hook:
         return None
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
-    if m:
-        for ours, tl in _TL_KINDS.items():
-            if m.group(2) == tl:
-                return f"blocks.{m.group(1)}.{ours}"
-    return None
+    layer, kind = split_site(hook)
+    if kind not in _FROM_TL or (layer is None) == BY_KIND[_FROM_TL[kind]].per_layer:
+        return None
+    return _FROM_TL[kind] if layer is None else block_site(layer, _FROM_TL[kind])
 
 
 def tl_hook_name(site: str | None) -> str | None:
@@ -65,10 +65,14 @@ def tl_hook_name(site: str | None) -> str | None:
     """
     if not site:
         return None
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", site)
-    if m and m.group(2) in _TL_KINDS:
-        return f"blocks.{m.group(1)}.{_TL_KINDS[m.group(2)]}"
-    return site
+    try:
+        name = tl_name(site)
+    except KeyError:  # not one of our sites (a name this toolkit cannot resolve): written as it is
+        return site
+    layer, kind = split_site(site)
+    if name is None and kind in _SAELENS_ONLY and layer is not None:
+        name = LAYER_FORMAT.format(layer=layer) + _SAELENS_ONLY[kind]  # TransformerLens's layer prefix is ours
+    return name if name is not None else site
 
 
 def hf_hook_name(site: str | None) -> str | None:
