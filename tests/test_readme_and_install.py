@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from interp.model.sites import SITES, markdown_table
+from interp.model.sites import SITES, markdown_table, tl_markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -28,6 +28,10 @@ def test_readme_site_table_is_the_site_table():
     assert markdown_table() in README, "regenerate the README table from interp.model.sites.markdown_table()"
     for site in SITES:
         assert f"`{site.name()}`" in README
+
+
+def test_readme_transformerlens_table_is_the_site_table():
+    assert tl_markdown_table() in README, "regenerate the README table from interp.model.sites.tl_markdown_table()"
 
 
 def test_pyproject_lists_every_package():
