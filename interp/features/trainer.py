@@ -23,13 +23,15 @@ class TrainingLog:
     have not fired for ``dead_tokens`` tokens, at the record), ``lr``, and ``sparsity_coefficient``
     (JumpReLU) or ``aux_loss`` (TopK). Columns read as lists: ``log.l0``, ``log["l0"]``.
     ``settings`` are the resolved training settings; ``scale_in``/``scale_out`` the normalisation
-    factors (already folded into the returned weights)."""
+    factors (already folded into the returned weights); ``warnings`` the sentences :func:`train`
+    warned at the end (most features dead, an L0 far from the target)."""
 
     kind: str
     settings: dict[str, Any]
     scale_in: float = 1.0
     scale_out: float = 1.0
     records: list[dict[str, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def __getitem__(self, column: str) -> list[float]:
         if not self.records or column not in self.records[0]:
@@ -37,7 +39,8 @@ class TrainingLog:
         return [r[column] for r in self.records]
 
     def __getattr__(self, column: str) -> list[float]:
-        if column.startswith("_") or column in ("kind", "settings", "scale_in", "scale_out", "records"):
+        if column.startswith("_") or column in ("kind", "settings", "scale_in", "scale_out", "records",
+                                                                      "warnings"):
             raise AttributeError(column)
         try:
             return self[column]
@@ -61,7 +64,8 @@ class TrainingLog:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "settings": self.settings, "scale_in": self.scale_in, "scale_out": self.scale_out,
-                "records": self.records}
+                "records": self.records,
+                "warnings": self.warnings}
 
 
 # ---------------------------------------------------------------------- the JumpReLU estimators
@@ -115,6 +119,7 @@ class _Trainer:
         self.scale_out = torch.ones((), device=device)
         self.since_fired = torch.zeros(s["d_sae"], dtype=torch.int64, device=device)
         self.window = torch.zeros(6, dtype=torch.float64, device=device)  # loss mse l0 ev aux count
+        self.log_mult = torch.zeros((), dtype=torch.float64)  # the l0 controller's log factor on lambda
         self.records: list[dict[str, float]] = []
         self.opt: torch.optim.Adam | None = None
 
@@ -193,7 +198,18 @@ class _Trainer:
 
     def lam_at(self, t: int) -> float:
         s = self.s
-        return s["sparsity_coefficient"] * (min(1.0, (t + 1) / s["warmup_steps"]) if s["warmup_steps"] else 1.0)
+        ramp = min(1.0, (t + 1) / s["warmup_steps"]) if s["warmup_steps"] else 1.0
+        return s["sparsity_coefficient"] * math.exp(float(self.log_mult)) * ramp
+
+    CONTROL_RATE, CONTROL_CLIP = 0.01, 1.0
+
+    def control(self, t: int, l0: float) -> None:
+        """After the warm-up, move log(lambda) by 0.01 * log(L0 / target) (clipped to +-0.01)."""
+        target = self.s.get("l0")
+        if target is None or t + 1 < self.s["warmup_steps"]:
+            return
+        err = max(-self.CONTROL_CLIP, min(self.CONTROL_CLIP, math.log(max(l0, 1e-3) / target)))
+        self.log_mult += self.CONTROL_RATE * err
 
     def step(self, t: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
         s = self.s
@@ -228,6 +244,8 @@ class _Trainer:
             ev = 1 - err.pow(2).sum() / dev.pow(2).sum().clamp_min(1e-30)
             self.window += torch.stack([loss.detach(), mse.detach(), f["l0"].detach(), ev, aux.detach(),
                                         torch.ones((), device=x.device)]).to(torch.float64)
+        if self.kind == "jumprelu" and s["l0"] is not None:
+            self.control(t, float(f["l0"].detach()))
 
     def record(self, t: int) -> dict[str, float]:
         w = self.window.tolist()
@@ -253,11 +271,12 @@ class _Trainer:
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 if key in st:
                     out[f"adam.{k}.{key}"] = st[key]
-        out.update(since_fired=self.since_fired, window=self.window, scale_in=self.scale_in, scale_out=self.scale_out)
+        out.update(since_fired=self.since_fired, window=self.window, scale_in=self.scale_in, scale_out=self.scale_out,
+                   log_mult=self.log_mult)
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
 
     def load(self, tensors: dict[str, torch.Tensor], records: list[dict[str, float]]) -> None:
-        want = {f"param.{k}" for k in self.names} | {"since_fired", "window", "scale_in", "scale_out"}
+        want = {f"param.{k}" for k in self.names} | {"since_fired", "window", "scale_in", "scale_out", "log_mult"}
         missing = sorted(want - set(tensors))
         if missing:
             raise TrainingError(f"the checkpoint lacks {', '.join(missing)}")
@@ -273,7 +292,21 @@ class _Trainer:
         self.window = tensors["window"].to(self.device)
         self.scale_in = tensors["scale_in"].to(self.device)
         self.scale_out = tensors["scale_out"].to(self.device)
+        self.log_mult = tensors["log_mult"].to(torch.float64)
         self.records = list(records)
+
+    def warnings(self) -> list[str]:
+        """The end-of-run checks: most features dead; an L0 more than 1.5x from the target."""
+        out, s, f = [], self.s, self.records[-1]
+        if f["dead"] > s["d_sae"] / 2:
+            out.append(f"{f['dead']} of {s['d_sae']} features are dead (no firing in {s['dead_tokens']} tokens) at "
+                       f"step {f['step']}: train longer, raise lr, or lower the sparsity (sparsity_coefficient, "
+                       "l0, k)")
+        target = s.get("l0")
+        if target is not None and not target / 1.5 <= f["l0"] <= target * 1.5:
+            out.append(f"the L0 ended at {f['l0']:.3g}, far from the target l0={target:g}: train longer "
+                       "(more steps after the warm-up) or start from a closer sparsity_coefficient")
+        return out
 
     # ------------------------------------------------------------ the result
     @torch.no_grad()

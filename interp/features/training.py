@@ -33,16 +33,25 @@ Both: ``W_dec`` rows random unit vectors, ``W_enc = W_dec.T`` (a random matrix w
 decoder rows go back to unit norm (their gradient's component along the row is removed first).
 Squared errors are summed over the width and averaged over the batch.
 
-Options (keywords): ``batch_size`` (4096), ``lr`` (2e-4), ``betas``, ``lr_warmup_steps`` (0),
-``lr_decay_steps`` (0: the lr falls linearly to 0 over the last that many steps), ``normalize``
-(True: scale the input, and separately a transcoder's output, by a scalar so that
-``E||x||^2 = d``), ``init_rows`` (65536: rows for the normalisation factor and the mean),
-``skip`` (a transcoder with a learned affine skip ``x W_skip``; False), ``dead_tokens`` (a feature
-that has not fired for more tokens is dead: reported, and AuxK's), ``device`` (default: the
+Options (keywords): ``batch_size`` (4096), ``lr`` (2e-3 JumpReLU, 2e-4 TopK), ``betas``,
+``lr_warmup_steps`` (0), ``lr_decay_steps`` (0: the lr falls linearly to 0 over the last that many
+steps), ``normalize`` (True: scale the input, and separately a transcoder's output, by a scalar so
+that ``E||x||^2 = d``, as Gemma Scope does; the factor is folded into the returned weights, so the
+dictionary reads raw activations), ``init_rows`` (65536: rows for the normalisation factor and the
+mean), ``skip`` (a transcoder with a learned affine skip ``x W_skip``; False), ``dead_tokens`` (a
+feature that has not fired for more tokens is dead: reported, and AuxK's), ``device`` (default: the
 tensor's, or ``"cpu"`` for a store), ``progress`` (a progress bar with loss, L0 and explained
-variance), ``log_every``; JumpReLU: ``sparsity_coefficient`` (1.0), ``warmup_steps`` (1000),
-``bandwidth`` (0.001), ``initial_threshold`` (0.001); TopK: ``k`` (``min(32, d_sae)``),
-``k_aux`` (``d_in // 2``), ``aux_coefficient`` (1/32).
+variance), ``log_every``; JumpReLU: ``sparsity_coefficient`` (1.0), ``l0`` (None: a target L0;
+the coefficient then starts at ``sparsity_coefficient`` and, after the warm-up, a controller
+multiplies it by ``exp(0.01 * log(L0_batch / l0))`` every step, so the L0 settles near the target),
+``warmup_steps`` (a tenth of ``steps``), ``bandwidth`` (0.05) and ``initial_threshold`` (0.1), both
+in the units of the normalised data, where a unit-norm encoder column's pre-activation has a
+spread of about 1; TopK: ``k`` (``min(32, d_sae)``), ``k_aux`` (``d_in // 2``), ``aux_coefficient``
+(1/32).
+
+Warnings: when the run ends with more than half the features dead, or with an L0 more than 1.5x
+away from ``l0`` (either way), :func:`train` warns (``UserWarning``) and adds the sentence to
+``training_log.warnings``.
 
 Checkpoints: with ``checkpoint_dir=DIR`` (and ``checkpoint_every=N`` steps; default a tenth of
 ``steps``) the parameters, Adam's state, the dead-feature counters, the log and the position in
@@ -65,6 +74,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +89,18 @@ FORMAT = "interp-train-1"
 STATE_FILE = "train.json"
 KINDS = ("jumprelu", "topk")
 
-COMMON = {"batch_size": 4096, "lr": 2e-4, "betas": None, "lr_warmup_steps": 0, "lr_decay_steps": 0,
+COMMON = {"batch_size": 4096, "lr": None, "betas": None, "lr_warmup_steps": 0, "lr_decay_steps": 0,
           "normalize": True, "init_rows": 65536, "skip": False, "dead_tokens": 1_000_000, "log_every": None}
 PER_KIND: dict[str, dict[str, Any]] = {
-    "jumprelu": {"sparsity_coefficient": 1.0, "warmup_steps": 1000, "bandwidth": 0.001, "initial_threshold": 0.001},
+    "jumprelu": {"sparsity_coefficient": 1.0, "l0": None, "warmup_steps": None, "bandwidth": 0.05,
+                 "initial_threshold": 0.1},
     "topk": {"k": None, "k_aux": None, "aux_coefficient": 1 / 32},
 }
 DEFAULT_BETAS = {"jumprelu": (0.0, 0.999), "topk": (0.9, 0.999)}
+# JumpReLU learns log(threshold) with Adam, whose steps are about lr each: at 2e-4 the threshold can
+# grow by e^(2e-4 * steps), 2.2x in 4,000 steps, far short of the pre-activations' scale (~1 on the
+# normalised data), so short runs kept almost every feature on. 2e-3 lets it travel e^8 in 4,000 steps.
+DEFAULT_LR = {"jumprelu": 2e-3, "topk": 2e-4}
 
 
 
@@ -115,11 +130,14 @@ def _settings(kind: Any, d_sae: Any, steps: Any, seed: Any, src: _Source, option
     if unknown:
         other = [k for k in unknown if any(k in PER_KIND[o] for o in KINDS)]
         hint = f" ({', '.join(other)} belong to another kind)" if other else ""
+        if kind == "topk" and "l0" in unknown:
+            hint += "; a TopK SAE's L0 is k (k=...)"
         raise TypeError(f"unknown option(s) {', '.join(unknown)} for kind {kind!r}{hint}; the options are "
                         f"{', '.join(sorted(known))}")
     s: dict[str, Any] = {**known, **options}
     batch = _check_int("batch_size", s["batch_size"], 1)
     s["batch_size"] = min(batch, src.n)  # fewer vectors than a batch: one batch of them all
+    s["lr"] = s["lr"] if s["lr"] is not None else DEFAULT_LR[kind]
     _check_float("lr", s["lr"], 0.0)
     betas = s["betas"] if s["betas"] is not None else DEFAULT_BETAS[kind]
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
@@ -137,7 +155,12 @@ def _settings(kind: Any, d_sae: Any, steps: Any, seed: Any, src: _Source, option
     s["log_every"] = _check_int("log_every", s["log_every"] if s["log_every"] is not None else max(1, steps // 100), 1)
     if kind == "jumprelu":
         _check_float("sparsity_coefficient", s["sparsity_coefficient"], 0.0, strict=False)
-        _check_int("warmup_steps", s["warmup_steps"], 0)
+        s["warmup_steps"] = _check_int("warmup_steps", s["warmup_steps"] if s["warmup_steps"] is not None
+                                       else steps // 10, 0)
+        if s["l0"] is not None:
+            s["l0"] = _check_float("l0", s["l0"], 0.0)
+            if s["l0"] >= d_sae:
+                raise TrainingError(f"l0={s['l0']} must be below d_sae={d_sae} (features firing per token)")
         _check_float("bandwidth", s["bandwidth"], 0.0)
         _check_float("initial_threshold", s["initial_threshold"], 0.0)
     else:
@@ -297,7 +320,10 @@ def train(source: Any, kind: str = "jumprelu", *, d_sae: int, steps: int, seed: 
     finally:
         bar.close()
     d = trainer.dictionary()
-    log = TrainingLog(kind, settings, float(trainer.scale_in), float(trainer.scale_out), list(trainer.records))
+    log = TrainingLog(kind, settings, float(trainer.scale_in), float(trainer.scale_out), list(trainer.records),
+                      trainer.warnings())
+    for w in log.warnings:
+        warnings.warn(w, stacklevel=2)
     setattr(d, "training_log", log)  # noqa: B010 (a plain attribute; nn.Module's __setattr__ types say tensors)
     return d
 
