@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..atomic import atomic_write
+
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
@@ -206,9 +208,7 @@ class Graph:
                    "constants": self.constants.contiguous(), "ids": self.ids.contiguous()}
         if self.cumulative_influence is not None:
             tensors["cumulative_influence"] = self.cumulative_influence.contiguous()
-        tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, str(tmp), metadata={"graph": json.dumps(meta)})
-        os.replace(tmp, path)
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"graph": json.dumps(meta)}))
         return path
 
     @classmethod

@@ -32,6 +32,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
 from .graph import Graph, Node
 from .prune import prune
 
@@ -146,15 +147,11 @@ def to_neuronpedia(graph: Graph, path: str | os.PathLike, slug: str, scan: str |
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{slug}.json"
-    tmp = folder / f".{slug}.json.partial"
-    tmp.write_text(json.dumps(doc), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text(out, json.dumps(doc))
     index = folder / "graph-metadata.json"
     listed = json.loads(index.read_text(encoding="utf-8")).get("graphs", []) if index.is_file() else []
     listed = [m for m in listed if m.get("slug") != slug] + [meta]
-    tmp = folder / ".graph-metadata.json.partial"
-    tmp.write_text(json.dumps({"graphs": listed}, indent=1), encoding="utf-8")
-    os.replace(tmp, index)
+    write_text(index, json.dumps({"graphs": listed}, indent=1))
     return out
 
 

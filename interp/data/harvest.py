@@ -25,13 +25,13 @@ import json
 import os
 import shutil
 import sys
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_write
 from ..hooks import NameSpec, positions_mask
 from ..model import Gemma3
 from ..model.runs import format_bytes
@@ -227,18 +227,9 @@ def _prepare(out: Path, plan: dict[str, Any], rows: Rows, need: int) -> None:
     for tmp in out.glob(".*.tmp-*"):  # left by a killed run: never read, removed
         tmp.unlink(missing_ok=True)
     if not existing.is_file():
-        _atomic(out / ROWS, lambda p: save_file({"ids": rows.ids, "doc": rows.doc, "pos": rows.pos}, str(p),
+        atomic_write(out / ROWS, lambda p: save_file({"ids": rows.ids, "doc": rows.doc, "pos": rows.pos}, str(p),
                                                  metadata={"format": FORMAT}))
-        _atomic(existing, lambda p: p.write_text(json.dumps(plan, indent=1), encoding="utf-8"))
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write(existing, lambda p: p.write_text(json.dumps(plan, indent=1), encoding="utf-8"))
 
 
 def _write_manifest(out: Path, plan: dict[str, Any], n_shards: int, rows: Rows, kept: list[int]) -> None:
@@ -249,7 +240,7 @@ def _write_manifest(out: Path, plan: dict[str, Any], n_shards: int, rows: Rows, 
             raise HarvestError(f"{path.name} was not written (a rank failed?); rerun the same command to finish")
         shards.append({"file": path.name, "bytes": path.stat().st_size})
     manifest = dict(plan, shards=shards, n_tokens=int((rows.doc[:, kept] != PAD_DOC).sum()))
-    _atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1), encoding="utf-8"))
+    atomic_write(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1), encoding="utf-8"))
 
 
 def _give_back_memory() -> None:
@@ -277,7 +268,7 @@ class _Writer:
         meta = {"format": FORMAT}  # one key: safetensors writes several in no fixed order (shards byte-stable)
 
         def write() -> None:
-            _atomic(self.out / shard_name(k), lambda p: save_file(tensors, str(p), metadata=meta))
+            atomic_write(self.out / shard_name(k), lambda p: save_file(tensors, str(p), metadata=meta))
             tensors.clear()
             _give_back_memory()
 

@@ -80,6 +80,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_write
 from ..progress import progress_bar
 from .dictionary import Dictionary
 from .sources import TrainingError, _seed, _Source, _source
@@ -181,15 +182,6 @@ def _settings(kind: Any, d_sae: Any, steps: Any, seed: Any, src: _Source, option
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _tensor_file(step: int) -> str:
     return f"train-{step:09d}.safetensors"
 
@@ -202,7 +194,7 @@ def _save_checkpoint(folder: Path, settings: dict[str, Any], trainer: _Trainer, 
     folder.mkdir(parents=True, exist_ok=True)
     name = _tensor_file(step)
     tensors = trainer.tensors()
-    _atomic_write(folder / name, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT,
+    atomic_write(folder / name, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT,
                                                                                  "step": str(step)}))
     per_epoch = trainer.src.n // settings["batch_size"]
     state = {"format": FORMAT, "settings": settings, "step": step, "batches_consumed": step,
@@ -210,7 +202,7 @@ def _save_checkpoint(folder: Path, settings: dict[str, Any], trainer: _Trainer, 
                         "data_seed": _seed(settings["seed"], "data", step // per_epoch)},
              "tensors": name, "records": trainer.records}
     text = json.dumps(state, indent=1)
-    _atomic_write(folder / STATE_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(folder / STATE_FILE, lambda p: p.write_text(text, encoding="utf-8"))
     for old in folder.glob("train-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
