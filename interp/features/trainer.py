@@ -276,10 +276,13 @@ class _Trainer:
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
 
     def load(self, tensors: dict[str, torch.Tensor], records: list[dict[str, float]]) -> None:
-        want = {f"param.{k}" for k in self.names} | {"since_fired", "window", "scale_in", "scale_out", "log_mult"}
+        # no log_mult: a checkpoint written before the l0= controller existed, when the factor was
+        # always 1 (log 0); it resumes exactly (a run with l0= has other settings and is refused earlier)
+        want = {f"param.{k}" for k in self.names} | {"since_fired", "window", "scale_in", "scale_out"}
         missing = sorted(want - set(tensors))
         if missing:
-            raise TrainingError(f"the checkpoint lacks {', '.join(missing)}")
+            raise TrainingError(f"the checkpoint lacks {', '.join(missing)}: it is damaged or not a checkpoint of "
+                                "this trainer; delete its folder to train from the start")
         self.P = {k: tensors[f"param.{k}"].to(self.device).contiguous().requires_grad_(True) for k in self.names}
         self._optimizer()
         assert self.opt is not None
@@ -292,7 +295,7 @@ class _Trainer:
         self.window = tensors["window"].to(self.device)
         self.scale_in = tensors["scale_in"].to(self.device)
         self.scale_out = tensors["scale_out"].to(self.device)
-        self.log_mult = tensors["log_mult"].to(torch.float64)
+        self.log_mult = tensors.get("log_mult", torch.zeros((), dtype=torch.float64)).to(torch.float64)
         self.records = list(records)
 
     def warnings(self) -> list[str]:

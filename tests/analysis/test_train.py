@@ -471,3 +471,33 @@ def test_trains_with_gradients_switched_off_globally():
     with torch.no_grad():
         sae = train(x, "topk", d_sae=16, steps=5, k=2, batch_size=128, progress=False)
     assert torch.equal(sae.W_dec, train(x, "topk", d_sae=16, steps=5, k=2, batch_size=128, progress=False).W_dec)
+
+
+def test_a_checkpoint_from_before_the_l0_controller_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """Checkpoints written before ``log_mult`` existed (the demo transcoders' cache, a user's long
+    run) resume exactly: without an ``l0=`` target the factor was always 1."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    x, _ = tw.planted(n=320, d=16, m=24, seed=6)
+    settings = dict(d_sae=32, steps=20, batch_size=32, lr=5e-3, k=3, progress=False)
+    reference = train(x, "topk", **settings)
+    step = T._Trainer.step
+
+    def interrupted(self, t, *a):
+        if t == 13:
+            raise KeyboardInterrupt
+        return step(self, t, *a)
+
+    monkeypatch.setattr(T._Trainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(x, "topk", checkpoint_dir=tmp_path / "ck", checkpoint_every=5, **settings)
+    monkeypatch.setattr(T._Trainer, "step", step)
+    for f in (tmp_path / "ck").glob("train-*.safetensors"):  # as the old trainer wrote them
+        with safe_open(str(f), "pt") as handle:
+            meta = handle.metadata()
+        tensors = load_file(str(f))
+        assert tensors.pop("log_mult") is not None
+        save_file(tensors, str(f), metadata=meta)
+    resumed = train(x, "topk", checkpoint_dir=tmp_path / "ck", checkpoint_every=5, **settings)
+    assert_identical(resumed, reference)
