@@ -50,6 +50,19 @@ if TYPE_CHECKING:
     from .quality_clt import CLTEval
 
 
+def recovered(ce_zero: float | None, ce_clean: float | None, ce_spliced: float | None) -> float | None:
+    """CE loss recovered, ``(CE_zero - CE_spliced) / (CE_zero - CE_clean)``: None when a loss is
+    missing, NaN when zero-ablating changes nothing.
+
+    >>> recovered(4.0, 2.0, 2.5)
+    0.75
+    """
+    if ce_clean is None or ce_spliced is None or ce_zero is None:
+        return None
+    gap = ce_zero - ce_clean
+    return (ce_zero - ce_spliced) / gap if gap != 0 else math.nan
+
+
 @dataclass
 class FeatureEval:
     """What :func:`evaluate` returns. ``frequency [d_sae]`` is the fraction of evaluated tokens
@@ -79,10 +92,7 @@ class FeatureEval:
     @property
     def ce_recovered(self) -> float | None:
         """``(CE_zero - CE_spliced) / (CE_zero - CE_clean)`` (NaN when zero-ablating changes nothing)."""
-        if self.ce_clean is None or self.ce_spliced is None or self.ce_zero is None:
-            return None
-        gap = self.ce_zero - self.ce_clean
-        return (self.ce_zero - self.ce_spliced) / gap if gap != 0 else math.nan
+        return recovered(self.ce_zero, self.ce_clean, self.ce_spliced)
 
     @property
     def dead(self) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ..hooks import zero_ablate
 from ..progress import progress_bar
 from .clt import CrossLayerTranscoder
 from .interventions import clt_hooks
-from .quality import FeatureEval, _aligned_batches, _ce_rows, _fmt
+from .quality import FeatureEval, _aligned_batches, _ce_rows, _fmt, recovered
 
 
 @dataclass
@@ -49,10 +49,7 @@ class CLTEval:
     @property
     def ce_recovered(self) -> float | None:
         """``(CE_zero - CE_spliced) / (CE_zero - CE_clean)`` over the whole spliced model."""
-        if self.ce_clean is None or self.ce_spliced is None or self.ce_zero is None:
-            return None
-        gap = self.ce_zero - self.ce_clean
-        return (self.ce_zero - self.ce_spliced) / gap if gap != 0 else math.nan
+        return recovered(self.ce_zero, self.ce_clean, self.ce_spliced)
 
     def table(self) -> list[tuple[Any, ...]]:
         """``[(layer, L0, FVU, dead features), ...]`` with a header row."""
