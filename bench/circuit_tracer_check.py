@@ -314,14 +314,14 @@ def run_case(args: argparse.Namespace, skip: bool, work: Path) -> bool:
 
     t0 = time.perf_counter()
     g = interp.attribution_graph(model, torch.tensor(ids), tcs, logits=logit_ids, bos_features=False,
-                                 batch=args.batch, progress=False)
+                                 batch_size=args.batch, progress=False)
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    interp.attribution_graph(model, torch.tensor(ids), tcs, logits=logit_ids, bos_features=False, batch=args.batch,
+    interp.attribution_graph(model, torch.tensor(ids), tcs, logits=logit_ids, bos_features=False, batch_size=args.batch,
                              progress=False)
     t_ours2 = time.perf_counter() - t0
     g_all = interp.attribution_graph(model, torch.tensor(ids), tcs, logits=list(range(args.vocab)),
-                                     bos_features=False, batch=args.batch, progress=False)
+                                     bos_features=False, batch_size=args.batch, progress=False)
     residual = g.check()
 
     tens, meta = ct["tensors"], ct["meta"]

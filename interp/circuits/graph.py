@@ -83,7 +83,9 @@ class Graph:
     ``bos_features``: whether features at a leading BOS token are nodes; ``model_id``: the
     Neuronpedia id of the model it was made on (``gemma-3-270m``; ``""`` for other models);
     ``cumulative_influence``: on a pruned graph, each node's cumulative influence in the unpruned
-    graph (:func:`~interp.circuits.prune.cumulative`; what graph files report)."""
+    graph (:func:`~interp.circuits.prune.cumulative`; what graph files report); ``active_features``:
+    how many features were active on the prompt (the graph's feature nodes are the most influential
+    of them when a node budget left some out; see :func:`~interp.circuits.build.attribution_graph`)."""
 
     adjacency: torch.Tensor
     values: torch.Tensor
@@ -99,6 +101,7 @@ class Graph:
     bos_features: bool = False
     model_id: str = ""
     cumulative_influence: torch.Tensor | None = None
+    active_features: int = 0
 
     # ------------------------------------------------------------------ structure
     def __len__(self) -> int:
@@ -203,7 +206,7 @@ class Graph:
         meta = {"kind": "interp.AttributionGraph", "nodes": nodes, "tokens": self.tokens, "n_layers": self.n_layers,
                 "prompt": self.prompt, "logit_error": self.logit_error, "transcoders": self.transcoders,
                 "pruned": None if self.pruned is None else vars(self.pruned), "bos_features": self.bos_features,
-                "model_id": self.model_id}
+                "model_id": self.model_id, "active_features": self.active_features}
         tensors = {"adjacency": self.adjacency.contiguous(), "values": self.values.contiguous(),
                    "constants": self.constants.contiguous(), "ids": self.ids.contiguous()}
         if self.cumulative_influence is not None:
@@ -233,13 +236,15 @@ class Graph:
         return cls(t["adjacency"], t["values"], t["constants"], nodes, t["ids"], list(meta["tokens"]),
                    int(meta["n_layers"]), meta.get("prompt", ""), float(meta.get("logit_error", 0.0)),
                    list(meta.get("transcoders", [])), pruned, bool(meta.get("bos_features", False)),
-                   str(meta.get("model_id", "")), ranks)
+                   str(meta.get("model_id", "")), ranks, int(meta.get("active_features", 0)))
 
     def __repr__(self) -> str:
         counts = {k: int(self.mask(k).sum()) for k in KINDS}
         edges = int((self.adjacency != 0).sum())
         state = "" if self.pruned is None else f", pruned at {self.pruned.node_threshold}/{self.pruned.edge_threshold}"
-        return (f"Graph({counts['feature']} features, {counts['error']} errors, {counts['embedding']} tokens, "
+        left = self.active_features - counts["feature"] if self.pruned is None else 0
+        budget = f" of {self.active_features} active" if left > 0 else ""
+        return (f"Graph({counts['feature']} features{budget}, {counts['error']} errors, {counts['embedding']} tokens, "
                 f"{counts['logit']} logits; {edges} edges{state})")
 
 

@@ -17,7 +17,7 @@ feature. Two ways to measure:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +25,12 @@ import plotly.graph_objects as go
 import torch
 
 from ..display import figure
-from ..features.dictionary import Dictionary
 from ..features.interventions import dictionary_hooks
 from ..model import Gemma3
 from ..plots import escape_token
+from .dictionaries import GraphDictionaries, Transcoders
 from .graph import Graph, Node
-from .replacement import final_logits, replacement_forward, resolve_transcoders, run_prompt
+from .replacement import final_logits, replacement_forward, run_prompt
 
 FeatureKey = str | Node | tuple[int, int, int]
 
@@ -97,7 +97,7 @@ def _predict(graph: Graph, changes: dict[int, float]) -> torch.Tensor:
     return (graph.adjacency.double() @ scale)[graph.mask("logit")].float()
 
 
-def intervene(model: Gemma3, graph: Graph, transcoders: Sequence[Dictionary] | Mapping[int, Dictionary],
+def intervene(model: Gemma3, graph: Graph, transcoders: Transcoders,
               features: Mapping[FeatureKey, float], *, mode: str = "direct") -> InterventionResult:
     """Set ``features`` (``{node key | Node | (layer, pos, feature): new activation}``) on the
     graph's prompt and measure the graph's logits (see the module docstring for ``mode``).
@@ -111,7 +111,7 @@ def intervene(model: Gemma3, graph: Graph, transcoders: Sequence[Dictionary] | M
     if graph.pruned is not None:
         raise ValueError("intervene on the full graph (its edges are complete); a pruned graph's predictions would "
                          "miss the pruned paths")
-    tcs = resolve_transcoders(model, transcoders)
+    dicts = GraphDictionaries(model, transcoders)
     changes = _feature_nodes(graph, features)
     ids = graph.ids.to(model.device)
     logit_nodes = [n for n in graph.nodes if n.kind == "logit"]
@@ -120,22 +120,25 @@ def intervene(model: Gemma3, graph: Graph, transcoders: Sequence[Dictionary] | M
     with torch.no_grad():
         before = model(ids[None])[0, position, tokens].float()
     if mode == "direct":
-        run = run_prompt(model, ids, tcs, position, graph.bos_features)
+        run = run_prompt(model, ids, dicts, position, graph.bos_features)
         acts = {layer: a.clone() for layer, a in run.acts.items()}
         for i, value in changes.items():
             n = graph.nodes[i]
             acts[n.layer][n.pos, n.index] = value
         with torch.no_grad():
-            base_trace = replacement_forward(model, run, tcs)
+            base_trace = replacement_forward(model, run, dicts)
             base = final_logits(model, base_trace, position, tokens).detach()
-            trace = replacement_forward(model, run, tcs, acts=acts, frozen=base_trace.frozen)
+            trace = replacement_forward(model, run, dicts, acts=acts, frozen=base_trace.frozen)
             after = final_logits(model, trace, position, tokens).detach()
         after = before + (after - base)  # the replacement's change, on the model's logits
     else:
         hooks: list[tuple[str, Any]] = []
         for i, value in changes.items():
             n = graph.nodes[i]
-            hooks += dictionary_hooks(tcs[n.layer], clamp={n.index: value}, positions=[n.pos])
+            if dicts.clt is not None:
+                hooks += dictionary_hooks(dicts.clt, clamp={(n.layer, n.index): value}, positions=[n.pos])
+            else:
+                hooks += dictionary_hooks(dicts.per_layer[n.layer], clamp={n.index: value}, positions=[n.pos])
         with torch.no_grad():
             after = model.run_with_hooks(ids[None], hooks)[0, position, tokens].float()
     labels = [n.label.removeprefix("logit ").strip("'\"") for n in logit_nodes]

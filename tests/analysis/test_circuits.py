@@ -10,12 +10,8 @@ import torch
 from support import SCRIPT, TINY, FakeTokenizer, make_model
 
 from interp.circuits import Graph, GraphTooLargeError, attribution_graph, graph_scores, intervene
-from interp.circuits.replacement import (
-    final_logits,
-    replacement_forward,
-    resolve_transcoders,
-    run_prompt,
-)
+from interp.circuits.dictionaries import GraphDictionaries
+from interp.circuits.replacement import final_logits, replacement_forward, run_prompt
 from interp.features import JumpReLUSAE, Transcoder
 from interp.hooks import NonFiniteError
 from interp.model import Gemma3Config
@@ -44,7 +40,7 @@ def tcs(model):
 
 @pytest.fixture(scope="module")
 def graph(model, tcs):
-    return attribution_graph(model, IDS, tcs, batch=24, progress=False)
+    return attribution_graph(model, IDS, tcs, batch_size=24, progress=False)
 
 
 def logits_before(model):
@@ -88,13 +84,13 @@ def test_bos_features_are_left_out_unless_asked_for(model, tcs, graph):
 
 
 def test_batch_size_does_not_change_the_graph(model, tcs, graph):
-    other = attribution_graph(model, IDS, tcs, batch=7, progress=False)
+    other = attribution_graph(model, IDS, tcs, batch_size=7, progress=False)
     torch.testing.assert_close(other.adjacency, graph.adjacency, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(other.constants, graph.constants, atol=1e-6, rtol=1e-5)
 
 
 def test_replacement_model_reproduces_the_logits_only_with_its_errors(model, tcs):
-    tc_map = resolve_transcoders(model, tcs)
+    tc_map = GraphDictionaries(model, tcs)
     run = run_prompt(model, IDS, tc_map, -1, bos_features=False)
     tokens = torch.arange(TINY.vocab_size)
     with torch.no_grad():
@@ -109,7 +105,7 @@ def test_each_edge_is_a_direct_effect(model, tcs, graph):
     """Scale one source feature in the frozen replacement model: every target it reaches directly
     moves by (scale - 1) * edge when all other features are held (an independent forward, not a
     gradient)."""
-    tc_map = resolve_transcoders(model, tcs)
+    tc_map = GraphDictionaries(model, tcs)
     run = run_prompt(model, IDS, tc_map, -1, bos_features=False)
     feats = [(i, n) for i, n in enumerate(graph.nodes) if n.kind == "feature" and n.layer == 0]
     src, node = max(feats, key=lambda f: graph.adjacency[:, f[0]].abs().sum())
@@ -120,7 +116,7 @@ def test_each_edge_is_a_direct_effect(model, tcs, graph):
     for i, n in enumerate(graph.nodes):
         if n.kind != "feature" or n.layer == 0:
             continue
-        tc = tc_map[n.layer]
+        tc = tc_map.per_layer[n.layer]
         change = float((moved.x_in[n.layer] - base.x_in[n.layer])[0, n.pos].detach().float() @ tc.W_enc[:, n.index])
         assert change == pytest.approx(2.0 * float(graph.adjacency[i, src]), abs=2e-5)
 
@@ -226,10 +222,18 @@ def test_bad_inputs_are_clear_errors_and_leave_the_model_usable(model, tcs):
         attribution_graph(model, [" w5| w6", " w5"], tcs, progress=False)
     with pytest.raises(IndexError, match="outside the prompt"):
         attribution_graph(model, IDS, tcs, position=10, progress=False)
-    with pytest.raises(ValueError, match="batch must be"):
-        attribution_graph(model, IDS, tcs, batch=0, progress=False)
-    with pytest.raises(GraphTooLargeError, match="set batch="):
-        attribution_graph(model, IDS, tcs, max_bytes=7_000_000, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be"):
+        attribution_graph(model, IDS, tcs, batch_size=0, progress=False)
+    with pytest.raises(GraphTooLargeError, match="set batch_size=") as e:
+        attribution_graph(model, IDS, tcs, max_bytes=16_000_000, progress=False)
+    fits = int(str(e.value).split("set batch_size=")[1].split()[0])
+    attribution_graph(model, IDS, tcs, max_bytes=16_000_000, batch_size=fits, progress=False)  # what it names fits
+    with pytest.raises(GraphTooLargeError, match="set max_feature_nodes=") as e:
+        attribution_graph(model, IDS, tcs, max_bytes=2_000_000, progress=False)
+    fits = int(str(e.value).split("set max_feature_nodes=")[1].split()[0])
+    small = attribution_graph(model, IDS, tcs, max_bytes=2_000_000, max_feature_nodes=fits, batch_size=1,
+                              progress=False)
+    assert int(small.mask("feature").sum()) == fits and small.check() < 1e-6
     with pytest.raises(GraphTooLargeError, match="shorter prompt"):
         attribution_graph(model, IDS, tcs, max_bytes=10_000, progress=False)
     assert not model.registry.active and torch.equal(logits_before(model), before)
@@ -252,7 +256,7 @@ def test_non_finite_edges_are_an_error(model):
     with torch.no_grad():
         bad.b_dec[0] = float("inf")
     with pytest.raises(NonFiniteError, match="NaN or inf edges"):
-        attribution_graph(model, IDS, [bad], batch=4, progress=False)
+        attribution_graph(model, IDS, [bad], batch_size=4, progress=False)
     assert not model.registry.active and torch.equal(logits_before(model), before)
 
 

@@ -34,7 +34,7 @@ def graph() -> Graph:
     model = make_model(TINY, seed=1)
     model.tokenizer = FakeTokenizer(TINY.vocab_size)
     tcs = [Transcoder.random(model, layer=i, d_sae=48, seed=10 + i, skip=i % 2 == 0) for i in range(TINY.n_layers)]
-    return attribution_graph(model, IDS, tcs, batch=24, progress=False)
+    return attribution_graph(model, IDS, tcs, batch_size=24, progress=False)
 
 
 def write(graph: Graph, folder: Path, slug: str = "tiny-graph", **kw) -> dict:
