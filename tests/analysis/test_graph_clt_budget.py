@@ -234,3 +234,19 @@ def test_the_budget_bounds_memory_and_the_estimate_holds(model):
     assert g.active_features > 40_000 and g.check() < 1e-5
     assert est["rows"] > 0.5 * peak  # the budget's rows are the bulk of the memory, as estimated
     assert peak < sum(est.values()), (peak, est)
+
+
+# ---------------------------------------------------------------------- the real model
+def test_demo_clt_graph_is_exact_within_a_budget(demo_model):
+    """The real Gemma 3 270M through a random CLT (all 18 layers): the full graph and a budgeted one
+    are exact, reproduce the logits, and the budget's rows are the full graph's."""
+    m = demo_model
+    clt = CrossLayerTranscoder.random(m.cfg.n_layers, m.cfg.d_model, 48, seed=0, skip=True, threshold=0.3)
+    full = attribution_graph(m, "The capital of France is", clt, max_feature_nodes=None, progress=False)
+    assert full.logit_error < 1e-3 and full.check() < 1e-6 and full.active_features > 200
+    assert "logit ' Paris'" in [n.label for n in full.nodes if n.kind == "logit"]
+    small = attribution_graph(m, "The capital of France is", clt, max_feature_nodes=64, batch_size=16,
+                              update_interval=1, progress=False)
+    assert small.check() < 1e-6 and int(small.mask("feature").sum()) == 64
+    rows, consts = dropped_into_errors(full, small)
+    torch.testing.assert_close(small.adjacency[small.targets], rows[small.targets], atol=1e-4, rtol=1e-4)
