@@ -13,6 +13,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .cli_errors import CLIError
+from .data.cli import add_parser
+
 EXAMPLES = """\
 examples:
   python -m interp lens "The capital of France is"
@@ -48,10 +51,6 @@ example:
 DTYPES = ("float32", "bfloat16")
 
 
-class CLIError(Exception):
-    """A problem to report in one line (no traceback)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m interp`` argument parser (sub-commands ``lens`` and ``info``)."""
     parser = argparse.ArgumentParser(
@@ -80,8 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="configuration and hook-site names", description=INFO_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     common(info)
-    from .data.cli import add_parser
-
     add_parser(sub, common)
     return parser
 

@@ -21,7 +21,7 @@ import torch
 from .hooks import HookSpec, NonFiniteError
 from .model import Gemma3
 from .model.finite import raise_non_finite
-from .model.runs import available_memory
+from .model.memory import available_memory
 from .progress import progress_bar
 from .tokens import str_tokens
 

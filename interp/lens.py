@@ -34,7 +34,7 @@ from .model import Gemma3
 from .model.config import GLOBAL
 from .model.finite import check_finite
 from .model.inputs import Prompt
-from .model.runs import available_memory
+from .model.memory import available_memory
 from .plots import escape_token, heatmap, line
 from .tokens import Target, layer_labels, single_prompt, str_tokens, token_ids
 

@@ -5,7 +5,7 @@ regression (L-BFGS) and ridge regression (closed form), each for many sites at o
 >>> import torch
 >>> x = torch.randn(1, 200, 3, generator=torch.Generator().manual_seed(0))
 >>> x = x - x.mean(1, keepdim=True)                               # ridge takes centred features
->>> w, b = _fit_ridge(x, 2 * x[0, :, :1], weight_decay=0.0)     # y = 2 * dimension 0
+>>> w, b = fit_ridge(x, 2 * x[0, :, :1], weight_decay=0.0)     # y = 2 * dimension 0
 >>> [round(float(v), 3) for v in w[0, :, 0]]
 [2.0, 0.0, 0.0]
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 
-def _split(n: int, groups: torch.Tensor | None, test_fraction: float, seed: int
+def split_rows(n: int, groups: torch.Tensor | None, test_fraction: float, seed: int
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and test row indices; stratified by ``groups`` (class indices) when given."""
     gen = torch.Generator().manual_seed(seed)
@@ -31,7 +31,7 @@ def _split(n: int, groups: torch.Tensor | None, test_fraction: float, seed: int
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def _fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float, steps: int
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float, steps: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-penalised logistic regression of every site at once: ``x [S, n, d]``, ``y [n]``.
     Returns ``W [S, d, C']``, ``b [S, C']`` (``C' = 1`` for two classes)."""
@@ -59,7 +59,7 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay
     return w.detach(), b.detach()
 
 
-def _fit_ridge(x: torch.Tensor, y: torch.Tensor, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge regression of every site at once (closed form, float64): ``x [S, n, d]`` (centred),
     ``y [n, k]``. Minimises ``mean((x w + b - y)^2) + weight_decay * |w|^2``."""
     S, n, d = x.shape
@@ -71,11 +71,11 @@ def _fit_ridge(x: torch.Tensor, y: torch.Tensor, weight_decay: float) -> tuple[t
     return w.to(x.dtype), y_mean.to(x.dtype)[None, :].expand(S, -1).clone()
 
 
-def _r2(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def r2_score(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """R² per site: ``pred [S, n, k]``, ``y [n, k]`` (averaged over targets)."""
     ss_res = ((pred - y) ** 2).sum(1)  # [S, k]
     ss_tot = ((y - y.mean(0)) ** 2).sum(0).clamp_min(1e-12)
     return (1 - ss_res / ss_tot).mean(-1)
 
 
-__all__ = ["_split", "_fit_logistic", "_fit_ridge", "_r2"]
+__all__ = ["split_rows", "fit_logistic", "fit_ridge", "r2_score"]

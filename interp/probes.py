@@ -39,7 +39,7 @@ import torch
 
 from .hooks import NonFiniteError
 from .plots import escape_token, line
-from .probe_fit import _fit_logistic, _fit_ridge, _r2, _split
+from .probe_fit import fit_logistic, fit_ridge, r2_score, split_rows
 from .tokens import Top, top_entries
 
 KINDS = ("logistic", "linear")
@@ -290,14 +290,14 @@ def probe(source: Any, labels: Any, sites: str | Sequence[str] | None = None, ki
             raise ProbeError(f"labels hold a single class ({classes[0]!r} for all {n} rows); a probe needs two or more")
         lookup = {c: i for i, c in enumerate(classes)}
         y = torch.tensor([lookup[v] for v in raw], dtype=torch.long)
-        train, test = _split(n, y, test_fraction, seed)
+        train, test = split_rows(n, y, test_fraction, seed)
     else:
         y = torch.as_tensor(raw, dtype=torch.float32)
         if y.dim() == 1:
             y = y[:, None]
         if y.dim() != 2 or not bool(torch.isfinite(y).all()):
             raise ProbeError("linear targets must be finite numbers, [n] or [n, k]")
-        train, test = _split(n, None, test_fraction, seed)
+        train, test = split_rows(n, None, test_fraction, seed)
     if len(train) == 0 or len(test) == 0:
         raise ProbeError(f"{n} rows are too few to hold out test_fraction={test_fraction}")
 
@@ -309,10 +309,10 @@ def probe(source: Any, labels: Any, sites: str | Sequence[str] | None = None, ki
 
     if kind == "logistic":
         if z.device.type == "cpu":  # one site at a time: its data stays in cache (about 5x faster, bench/harvest.py)
-            fits = [_fit_logistic(z[i:i + 1, train], y[train], len(classes), weight_decay, steps) for i in range(S)]
+            fits = [fit_logistic(z[i:i + 1, train], y[train], len(classes), weight_decay, steps) for i in range(S)]
             w, b = torch.cat([f[0] for f in fits]), torch.cat([f[1] for f in fits])
         else:
-            w, b = _fit_logistic(z[:, train], y[train], len(classes), weight_decay, steps)
+            w, b = fit_logistic(z[:, train], y[train], len(classes), weight_decay, steps)
         logits = torch.baddbmm(b[:, None, :], z, w)  # [S, n, C']
         pred = (logits[..., 0] > 0).long() if w.shape[-1] == 1 else logits.argmax(-1)
         correct = (pred == y).float()
@@ -321,9 +321,9 @@ def probe(source: Any, labels: Any, sites: str | Sequence[str] | None = None, ki
         chance = float(counts.max()) / len(test)
         metric = "accuracy"
     else:
-        w, b = _fit_ridge(z[:, train], y[train], weight_decay)
+        w, b = fit_ridge(z[:, train], y[train], weight_decay)
         out = torch.baddbmm(b[:, None, :], z, w)  # [S, n, k]
-        train_score, test_score = _r2(out[:, train], y[train]), _r2(out[:, test], y[test])
+        train_score, test_score = r2_score(out[:, train], y[train]), r2_score(out[:, test], y[test])
         chance, metric = 0.0, "r2"
 
     w_orig = w / std[..., None]  # [S, d, C']: logits = x @ w_orig + b_orig

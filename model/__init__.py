@@ -12,7 +12,7 @@ from .gemma3 import Gemma3, UnreachableSiteError
 from .generate import Generation
 from .inputs import InputError, Prompt
 from .kvcache import KVCache
-from .runs import CacheTooLargeError
+from .memory import CacheTooLargeError
 from .sites import SITES, hf_aliases, site_names, tl_aliases, tl_name
 
 __all__ = [

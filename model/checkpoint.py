@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .config import Gemma3Config
+from .memory import available_memory, format_bytes
 from .sites import LAYER_FORMAT
 
 
@@ -278,7 +279,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def check_memory(cfg: Gemma3Config, dtype: torch.dtype, device: str | torch.device, what: str = "the weights") -> None:
     """Refuse (with the numbers) a model larger than the memory free on ``device``."""
-    from .runs import available_memory, format_bytes
 
     need = cfg.param_count() * torch.empty((), dtype=dtype).element_size()
     free = available_memory(device)

@@ -15,31 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-SLIDING = "sliding_attention"
-GLOBAL = "full_attention"
-LAYER_TYPES = (SLIDING, GLOBAL)
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a Gemma 3 model."""
-
-
-def default_layer_types(n_layers: int, pattern: int = 6) -> tuple[str, ...]:
-    """Gemma 3's layout: layer i is global when (i + 1) % pattern == 0, else sliding-window.
-
-    >>> [t[0] for t in default_layer_types(7)]  # s = sliding_attention, f = full_attention
-    ['s', 's', 's', 's', 's', 'f', 's']
-    """
-    return tuple(GLOBAL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers))
-
-
-# Bounds on sizes, far above every released model (27B: 62 layers, d_model 5376, vocabulary
-# 262,208, 131,072 positions), checked before anything is allocated: a mistyped or hostile
-# config fails at once with the field's name instead of exhausting memory.
-LIMITS: dict[str, int] = {
-    "n_layers": 1024, "d_model": 1 << 17, "d_mlp": 1 << 20, "n_heads": 1024, "n_kv_heads": 1024,
-    "d_head": 4096, "vocab_size": 1 << 24, "window": 1 << 24, "max_positions": 1 << 24,
-}
+from .config_rules import GLOBAL, LAYER_TYPES, LIMITS, SLIDING, ConfigError, default_layer_types
+from .hf_config import config_to_hf, hf_error, hf_fields
 
 
 def validate(cfg: Gemma3Config) -> None:
@@ -149,7 +126,7 @@ class Gemma3Config:
     @classmethod
     def from_hf(cls, hf: dict[str, Any] | str | os.PathLike[str]) -> Gemma3Config:
         """Read a Hugging Face ``config.json`` (a dict, a file, or a directory holding one);
-        see :func:`interp.model.hf_config.config_from_hf`.
+        see :mod:`interp.model.hf_config` for what is read.
 
         >>> cfg = Gemma3Config.from_hf({"model_type": "gemma3_text", "num_hidden_layers": 2,
         ...     "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -158,9 +135,11 @@ class Gemma3Config:
         >>> cfg.rope_global_factor, cfg.window
         (8.0, 8)
         """
-        from .hf_config import config_from_hf
-
-        return config_from_hf(hf)
+        fields, source = hf_fields(hf)
+        try:
+            return cls(**fields)
+        except ConfigError as e:  # a value out of bounds: name the config.json key (and the file)
+            raise hf_error(e, source) from None
 
     def to_hf(self) -> dict[str, Any]:
         """The equivalent Hugging Face ``Gemma3TextConfig`` keyword arguments.
@@ -168,8 +147,6 @@ class Gemma3Config:
         >>> Gemma3Config.preset("4b").to_hf()["rope_scaling"]
         {'rope_type': 'linear', 'factor': 8.0}
         """
-        from .hf_config import config_to_hf
-
         return config_to_hf(self)
 
     def param_count(self) -> int:
@@ -212,3 +189,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "12b": _preset(48, 3840, 15360, 16, 8, 256, 1024, 8.0, 256.0, 131_072, 262_208),
     "27b": _preset(62, 5376, 21504, 32, 16, 128, 1024, 8.0, 168.0, 131_072, 262_208),
 }
+
+
+__all__ = ["Gemma3Config", "validate", "PRESETS", "SLIDING", "GLOBAL", "LAYER_TYPES", "LIMITS", "ConfigError",
+           "default_layer_types"]

@@ -29,6 +29,7 @@ from .inputs import (
     InputError,
     PreparedInput,
     Prompt,
+    UnreachableSiteError,
     check_layers,
     check_mask,
     check_resid,
@@ -39,10 +40,6 @@ from .inputs import (
 from .kvcache import KVCache
 from .layers import Block, RMSNorm, embed_scale, rope_tables
 from .sites import LAYER_FORMAT, aliases, site_info, site_names
-
-
-class UnreachableSiteError(InputError):
-    """A hook or cache names a site that this run does not compute (it starts after or stops before it)."""
 
 
 class Gemma3(GenerateMixin):

@@ -6,19 +6,22 @@ Reads both RoPE spellings (``rope_theta``/``rope_local_base_freq``/``rope_scalin
 :class:`~interp.model.config.ConfigError` naming the field, and the file when there is one;
 sizes are bounded before anything that grows with them is built.
 
->>> cfg = config_from_hf({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+>>> fields, source = hf_fields({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
 ...     "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 300})
->>> cfg.n_layers, config_from_hf(config_to_hf(cfg)) == cfg
-(2, True)
+>>> fields["n_layers"], fields["window"], source
+(2, 4096, None)
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import GLOBAL, LIMITS, SLIDING, ConfigError, Gemma3Config, default_layer_types
+from .config_rules import GLOBAL, LIMITS, SLIDING, ConfigError, default_layer_types
+
+if TYPE_CHECKING:
+    from .config import Gemma3Config
 
 # transformers' Gemma3TextConfig defaults, which released configs rely on by omission.
 HF_TEXT_DEFAULTS: dict[str, Any] = {
@@ -49,16 +52,29 @@ def read_config_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def config_from_hf(hf: dict[str, Any] | str | os.PathLike[str]) -> Gemma3Config:
-    """A :class:`Gemma3Config` from a Hugging Face config (a dict, a file, or a directory)."""
+def hf_fields(hf: dict[str, Any] | str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
+    """:class:`Gemma3Config`'s fields from a Hugging Face config (a dict, a file, or a directory),
+    and the file they came from (None for a dict). Missing, mistyped or contradictory keys are a
+    :class:`ConfigError` naming the key (and the file); the values' bounds are checked when the
+    config is built (:meth:`Gemma3Config.from_hf`, whose errors :func:`hf_error` renames)."""
     if isinstance(hf, dict):
-        return _from_dict(hf)
+        return _from_dict(hf), None
     path = os.fspath(hf)
     data = read_config_json(path)
     try:
-        return _from_dict(data)
+        return _from_dict(data), path
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def hf_error(e: ConfigError, source: str | None) -> ConfigError:
+    """``e`` (an error building a config from :func:`hf_fields`) with our field name replaced by its
+    ``config.json`` key and the file named."""
+    message = str(e)
+    field = message.split(" ", 1)[0].split("=", 1)[0]
+    if field in HF_KEYS:
+        message = f"{HF_KEYS[field]} (our {field}){message[len(field):]}"
+    return ConfigError(f"{source}: {message}" if source else message)
 
 
 def _int(hf: dict[str, Any], key: str, field: str) -> int:
@@ -112,7 +128,7 @@ def _rope(hf: dict[str, Any]) -> tuple[float, float, float]:
     return local_base, global_base, factor
 
 
-def _from_dict(hf: dict[str, Any]) -> Gemma3Config:
+def _from_dict(hf: dict[str, Any]) -> dict[str, Any]:
     if isinstance(hf.get("text_config"), dict):
         hf = hf["text_config"]
     model_type = hf.get("model_type", "gemma3_text")
@@ -143,14 +159,7 @@ def _from_dict(hf: dict[str, Any]) -> Gemma3Config:
     local_base, global_base, factor = _rope(hf)
     eos = hf.get("eos_token_id", 1)
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    try:
-        return _build(hf, n_layers, layer_types, local_base, global_base, factor, eos)
-    except ConfigError as e:
-        message = str(e)
-        field = message.split(" ", 1)[0].split("=", 1)[0]
-        if field in HF_KEYS:
-            message = f"{HF_KEYS[field]} (our {field}){message[len(field):]}"
-        raise ConfigError(message) from None
+    return _fields(hf, n_layers, layer_types, local_base, global_base, factor, eos)
 
 
 # our field -> its Hugging Face config.json key, to name the key a user must fix
@@ -161,9 +170,9 @@ HF_KEYS = {"rope_local_base": "rope_local_base_freq", "rope_global_base": "rope_
            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads"}
 
 
-def _build(hf: dict[str, Any], n_layers: int, layer_types: Any, local_base: float, global_base: float,
-           factor: float, eos: Any) -> Gemma3Config:
-    return Gemma3Config(
+def _fields(hf: dict[str, Any], n_layers: int, layer_types: Any, local_base: float, global_base: float,
+            factor: float, eos: Any) -> dict[str, Any]:
+    return dict(
         n_layers=n_layers,
         d_model=_int(hf, "hidden_size", "d_model"),
         d_mlp=_int(hf, "intermediate_size", "d_mlp"),
@@ -217,4 +226,4 @@ def config_to_hf(cfg: Gemma3Config) -> dict[str, Any]:
     }
 
 
-__all__ = ["HF_TEXT_DEFAULTS", "config_from_hf", "config_to_hf", "read_config_json"]
+__all__ = ["HF_TEXT_DEFAULTS", "hf_fields", "hf_error", "config_to_hf", "read_config_json"]

@@ -24,6 +24,10 @@ class InputError(ValueError):
     """Input the model cannot run on (empty, ids out of range, too long, bad mask, bad layer bounds)."""
 
 
+class UnreachableSiteError(InputError):
+    """A hook or cache names a site that this run does not compute (it starts after or stops before it)."""
+
+
 def is_resid(x: Any) -> bool:
     """A float ``[batch, seq, d]`` tensor: a residual stream, not token ids."""
     return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 3

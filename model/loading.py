@@ -35,7 +35,7 @@ from .checkpoint import (
     state_dict_source,
 )
 from .config import ConfigError, Gemma3Config
-from .hf_config import config_from_hf, read_config_json
+from .hf_config import read_config_json
 
 PROJECT = "gemma3-interp"
 CHECK_FINITE_BELOW = 4 << 30  # check_finite=None: check weights of checkpoints smaller than this (bytes)
@@ -113,7 +113,7 @@ def load_pretrained(cls: Any, src: str | os.PathLike[str], dtype: torch.dtype | 
         if isinstance(stated, int) and not isinstance(stated, bool):
             check_layer_count(stated, source, f"{folder / 'config.json'} (num_hidden_layers)")
         try:
-            config = config_from_hf(hf)
+            config = Gemma3Config.from_hf(hf)
         except ConfigError as e:
             raise ConfigError(f"{folder / 'config.json'}: {e}") from None
     else:

@@ -25,39 +25,9 @@ from ..hooks import (
 from ..hooks.registry import ResolvedNames
 from .base import ModelBase
 from .cache import Gemma3Cache
-from .inputs import PreparedInput, check_layers, check_mask, is_resid, to_ids
+from .inputs import PreparedInput, UnreachableSiteError, check_layers, check_mask, is_resid, to_ids
+from .memory import CacheTooLargeError, available_memory, format_bytes
 from .sites import HEAVY_KINDS, block_site, kind_of, site_shape
-
-
-class CacheTooLargeError(MemoryError):
-    """A requested cache would not fit; the message has the estimate and options that fit."""
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes in the largest unit that keeps it at least 1 (B, KiB, MiB, GiB, TiB).
-
-    >>> format_bytes(320), format_bytes(3 * 2**20), format_bytes(0.5)
-    ('320 B', '3.0 MiB', '0 B')
-    """
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:,.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def available_memory(device: str | torch.device) -> int | None:
-    """Bytes free on ``device`` (None when unknown): CUDA free memory, else Linux MemAvailable."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class RunsMixin(ModelBase):
@@ -79,7 +49,6 @@ class RunsMixin(ModelBase):
         """The sites of ``names`` that a run with ``kwargs`` computes. ``None`` means every site
         it computes; an exact name it does not compute is an error, a glob warns about those
         (``stacklevel``: the caller to blame, as for :func:`warnings.warn`)."""
-        from .gemma3 import UnreachableSiteError
 
         start = kwargs.get("start_at_layer") or 0
         stop_at = kwargs.get("stop_at_layer")
@@ -258,4 +227,4 @@ class RunsMixin(ModelBase):
             + "; ".join(options + ["a smaller batch", "max_bytes=... to raise the limit"]))
 
 
-__all__ = ["RunsMixin", "CacheTooLargeError", "available_memory", "format_bytes"]
+__all__ = ["RunsMixin"]

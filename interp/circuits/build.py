@@ -44,7 +44,7 @@ import torch
 from ..hooks import NonFiniteError
 from ..model import Gemma3
 from ..model.inputs import Prompt
-from ..model.runs import CacheTooLargeError, available_memory, format_bytes
+from ..model.memory import CacheTooLargeError, available_memory, format_bytes
 from ..progress import progress_bar
 from ..tokens import single_prompt, str_tokens, token_ids
 from .dictionaries import GraphDictionaries, Transcoders

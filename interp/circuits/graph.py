@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..atomic import atomic_write
+from .graph_files import to_neuronpedia
+from .prune import PruneInfo, graph_scores, influence, prune
+from .view import plot_graph
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -58,19 +61,6 @@ class Node:
         if self.kind == "error":
             return f"err L{self.layer}@{self.pos}"
         return f"logit {self.index}"
-
-
-@dataclass
-class PruneInfo:
-    """How a pruned graph was made: the thresholds, and the fraction of the full graph's influence
-    on the logits that the kept nodes and edges carry."""
-
-    node_threshold: float
-    edge_threshold: float
-    node_influence_kept: float
-    edge_influence_kept: float
-    nodes_before: int
-    edges_before: int
 
 
 @dataclass
@@ -156,8 +146,6 @@ class Graph:
 
     def top_features(self, k: int = 10) -> list[tuple[Node, float]]:
         """The ``k`` features with the most influence on the logits, ``(node, influence)``."""
-        from .prune import influence
-
         inf = influence(self)
         feats = [i for i, n in enumerate(self.nodes) if n.kind == "feature"]
         feats.sort(key=lambda i: -float(inf[i]))
@@ -174,26 +162,18 @@ class Graph:
     # ------------------------------------------------------------------ analysis (see prune.py, view.py)
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
         """See :func:`interp.circuits.prune.prune`."""
-        from .prune import prune
-
         return prune(self, node_threshold, edge_threshold)
 
     def scores(self) -> tuple[float, float]:
         """``(replacement, completeness)``; see :func:`interp.circuits.prune.graph_scores`."""
-        from .prune import graph_scores
-
         return graph_scores(self)
 
     def plot(self, store: Any = None, transcoders: Any = None, title: str | None = None, **kwargs: Any) -> go.Figure:
         """See :func:`interp.circuits.view.plot_graph`."""
-        from .view import plot_graph
-
         return plot_graph(self, store=store, transcoders=transcoders, title=title, **kwargs)
 
     def to_neuronpedia(self, path: str | os.PathLike, slug: str, scan: str | None = None, **kwargs: Any) -> Path:
         """See :func:`interp.circuits.graph_files.to_neuronpedia`."""
-        from .graph_files import to_neuronpedia
-
         return to_neuronpedia(self, path, slug, scan=scan, **kwargs)
 
     # ------------------------------------------------------------------ files

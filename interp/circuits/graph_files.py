@@ -30,11 +30,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..atomic import write_text
-from .graph import Graph, Node
 from .prune import prune
+
+if TYPE_CHECKING:
+    from .graph import Graph, Node
 
 SIZES = {18: "270m", 26: "1b", 34: "4b", 48: "12b", 62: "27b"}  # the released Gemma 3 sizes by layer count
 NEURONPEDIA_MODELS = tuple(f"gemma-3-{s}{t}" for s in SIZES.values() for t in ("", "-it"))

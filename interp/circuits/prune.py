@@ -31,9 +31,26 @@ averaged over nodes weighted by their influence (logits included).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
-from .graph import Graph, PruneInfo
+if TYPE_CHECKING:
+    from .graph import Graph
+
+
+@dataclass
+class PruneInfo:
+    """How a pruned graph was made: the thresholds, and the fraction of the full graph's influence
+    on the logits that the kept nodes and edges carry."""
+
+    node_threshold: float
+    edge_threshold: float
+    node_influence_kept: float
+    edge_influence_kept: float
+    nodes_before: int
+    edges_before: int
 
 
 def normalized(adjacency: torch.Tensor) -> torch.Tensor:

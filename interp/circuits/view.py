@@ -12,15 +12,16 @@ transcoders, the contexts where it fires most.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 
 from ..display import figure
 from ..plots import escape_text, escape_token
-from .graph import Graph, Node
-from .graph_files import to_neuronpedia
 from .prune import influence, normalized, prune
+
+if TYPE_CHECKING:
+    from .graph import Graph, Node
 
 COLORS = {"embedding": "#6c757d", "feature": "#2a9d8f", "error": "#adb5bd", "logit": "#e9c46a"}
 SYMBOLS = {"embedding": "square", "feature": "circle", "error": "diamond", "logit": "star"}
@@ -149,4 +150,4 @@ def plot_graph(graph: Graph, store: Any = None, transcoders: Any = None, title: 
     return fig
 
 
-__all__ = ["plot_graph", "to_neuronpedia"]
+__all__ = ["plot_graph"]

@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Any
 
+from ..cli_errors import CLIError
+
 HARVEST_HELP = """\
 Harvest the activations of some sites over a corpus into sharded safetensors (bfloat16 by
 default) plus a manifest, with a progress bar. Safe to kill: rerun the same command to resume.
@@ -60,8 +62,6 @@ def run(args: argparse.Namespace, load_model: Any) -> int:
                         pack=not args.no_pack, shard_tokens=args.shard_tokens, model_source=args.model,
                         progress=rank == 0)
     except (HarvestError, CorpusError, ValueError, KeyError) as e:
-        from ..cli import CLIError
-
         raise CLIError(str(e)) from e
     if rank == 0:
         print(store, file=sys.stdout)

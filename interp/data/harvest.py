@@ -34,7 +34,7 @@ import torch
 from ..atomic import atomic_write
 from ..hooks import NameSpec, positions_mask
 from ..model import Gemma3
-from ..model.runs import format_bytes
+from ..model.memory import format_bytes
 from ..model.sites import kind_of
 from ..progress import progress_bar
 from .corpus import PAD_DOC, Corpus, Rows

@@ -28,16 +28,15 @@ FeatureEval  blocks.6.resid_post
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..data.corpus import PAD_DOC
-from ..display import figure
 from ..evaluation import lm_loss
 from ..hooks import zero_ablate
 from ..progress import progress_bar
@@ -45,136 +44,8 @@ from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
 from .interventions import dictionary_hooks
 from .io import check_fits
-
-if TYPE_CHECKING:
-    from .quality_clt import CLTEval
-
-
-def recovered(ce_zero: float | None, ce_clean: float | None, ce_spliced: float | None) -> float | None:
-    """CE loss recovered, ``(CE_zero - CE_spliced) / (CE_zero - CE_clean)``: None when a loss is
-    missing, NaN when zero-ablating changes nothing.
-
-    >>> recovered(4.0, 2.0, 2.5)
-    0.75
-    """
-    if ce_clean is None or ce_spliced is None or ce_zero is None:
-        return None
-    gap = ce_zero - ce_clean
-    return (ce_zero - ce_spliced) / gap if gap != 0 else math.nan
-
-
-@dataclass
-class FeatureEval:
-    """What :func:`evaluate` returns. ``frequency [d_sae]`` is the fraction of evaluated tokens
-    on which each feature fires; the ``ce_*`` fields are None when the loss was not evaluated."""
-
-    site: str
-    site_out: str | None
-    n_tokens: int
-    d_sae: int
-    l0: float
-    fvu: float
-    mse: float
-    frequency: torch.Tensor
-    dense_threshold: float = 0.1
-    ce_clean: float | None = None
-    ce_spliced: float | None = None
-    ce_zero: float | None = None
-    ce_tokens: int = 0
-    name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def explained_variance(self) -> float:
-        """``1 - FVU``."""
-        return 1.0 - self.fvu
-
-    @property
-    def ce_recovered(self) -> float | None:
-        """``(CE_zero - CE_spliced) / (CE_zero - CE_clean)`` (NaN when zero-ablating changes nothing)."""
-        return recovered(self.ce_zero, self.ce_clean, self.ce_spliced)
-
-    @property
-    def dead(self) -> torch.Tensor:
-        """Indices of the features that never fired."""
-        return (self.frequency == 0).nonzero().flatten()
-
-    @property
-    def dense(self) -> torch.Tensor:
-        """Indices of the features that fired on more than ``dense_threshold`` of the tokens."""
-        return (self.frequency > self.dense_threshold).nonzero().flatten()
-
-    @property
-    def n_dead(self) -> int:
-        return int((self.frequency == 0).sum())
-
-    @property
-    def n_dense(self) -> int:
-        return int((self.frequency > self.dense_threshold).sum())
-
-    def table(self) -> list[tuple[str, Any]]:
-        """``[(metric, value), ...]``: plain Python numbers (and the site names)."""
-        rows: list[tuple[str, Any]] = [("site", self.site if not self.site_out else f"{self.site} -> {self.site_out}"),
-                                       ("tokens", self.n_tokens), ("features", self.d_sae), ("L0", self.l0),
-                                       ("FVU", self.fvu), ("explained variance", self.explained_variance),
-                                       ("MSE per token", self.mse), ("dead features", self.n_dead),
-                                       (f"dense features (> {self.dense_threshold:.0%})", self.n_dense)]
-        if self.ce_clean is not None:
-            rows += [("CE clean", self.ce_clean), ("CE spliced", self.ce_spliced), ("CE zero-ablated", self.ce_zero),
-                     ("CE loss recovered", self.ce_recovered), ("CE tokens", self.ce_tokens)]
-        return rows
-
-    def __repr__(self) -> str:
-        head = f"FeatureEval  {self.name}" if self.name else "FeatureEval"
-        lines = [head]
-        for metric, value in self.table():
-            lines.append(f"  {metric:<26} {_fmt(value):>14}")
-        return "\n".join(lines)
-
-    def _title(self) -> str:
-        parts = [f"L0 {self.l0:.1f}", f"FVU {self.fvu:.3f}"]
-        if self.ce_recovered is not None:
-            parts.append(f"CE recovered {self.ce_recovered:.1%}")
-        parts += [f"{self.n_dead} dead", f"{self.n_dense} dense"]
-        return " · ".join(parts)
-
-    def plot(self) -> Any:
-        """A histogram of ``log10`` feature frequency: live features in blue, dense ones (right of
-        the dashed line) in red, dead ones as one grey bar on the left; the title holds the key
-        numbers of :meth:`table`."""
-        import plotly.graph_objects as go
-
-        from ..plots import escape_text
-
-        freq = self.frequency.double()
-        live = freq[freq > 0]
-        floor = math.log10(1.0 / max(self.n_tokens, 1))
-        log = live.log10()
-        dense = log[live > self.dense_threshold]
-        normal = log[live <= self.dense_threshold]
-        fig = figure()
-        fig.add_trace(go.Histogram(x=normal.tolist(), name="live", marker_color="#2166ac",
-                                   xbins=dict(start=floor - 0.05, end=0.05, size=0.1)))
-        fig.add_trace(go.Histogram(x=dense.tolist(), name=f"dense (> {self.dense_threshold:.0%})",
-                                   marker_color="#b2182b", xbins=dict(start=floor - 0.05, end=0.05, size=0.1)))
-        fig.add_trace(go.Bar(x=[floor - 0.5], y=[self.n_dead], width=[0.3], name="dead (never fire)",
-                             marker_color="#888888"))
-        fig.add_vline(x=math.log10(self.dense_threshold), line_dash="dash", line_color="#b2182b")
-        title = escape_text(f"{self.name or self.site}: {self._title()}")
-        fig.update_layout(title=title, template="plotly_white", barmode="overlay", bargap=0.05,
-                          xaxis_title=f"log10 firing frequency ({self.n_tokens:,} tokens)",
-                          yaxis_title="features")
-        return fig
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
+from .quality_base import FeatureEval, aligned_batches, ce_rows, format_value
+from .quality_clt import CLTEval, evaluate_clt
 
 
 def _store_sites(d: Dictionary, store: Any, site: str | Sequence[str] | None) -> tuple[str, str | None]:
@@ -197,32 +68,12 @@ def _store_sites(d: Dictionary, store: Any, site: str | Sequence[str] | None) ->
     return read, out
 
 
-def _aligned_batches(store: Any, sites: list[str], batch_size: int, device: Any, dtype: torch.dtype) -> Any:
-    """Unshuffled batches of several sites, token for token aligned (same rows, same order)."""
-    gens = [store.batches(s, batch_size, shuffle=False, device=device, dtype=dtype) for s in sites]
-    return zip(*gens)
-
-
-def _ce_rows(store: Any, ce_tokens: int | None) -> list[torch.Tensor]:
-    """The store's rows (padding left out) up to ``ce_tokens`` tokens (at least one row)."""
-    rows: list[torch.Tensor] = []
-    total = 0
-    for r in range(store.n_rows):
-        ids = store.ids[r][store.doc[r] != PAD_DOC]
-        if rows and ce_tokens is not None and total + ids.numel() > ce_tokens:
-            break
-        if ids.numel() >= 2:
-            rows.append(ids)
-            total += ids.numel()
-    return rows
-
-
 @torch.no_grad()
 def evaluate(model: Any, dictionary: Dictionary | CrossLayerTranscoder, store: Any, *,
              site: str | Sequence[str] | None = None,
              texts: Sequence[str] | None = None, max_tokens: int | None = None, ce_tokens: int | None = 1 << 16,
              batch_size: int = 4096, lm_batch_size: int = 8, dense_threshold: float = 0.1, ce: bool = True,
-             progress: bool = True, name: str = "", _clean: float | None = None) -> FeatureEval | CLTEval:
+             progress: bool = True, name: str = "") -> FeatureEval | CLTEval:
     """Evaluate ``dictionary`` (an SAE or a transcoder) on held-out activations (see the module
     docstring for the metrics).
 
@@ -239,13 +90,22 @@ def evaluate(model: Any, dictionary: Dictionary | CrossLayerTranscoder, store: A
     must hold every layer's ``pre_mlp_norm`` and ``post_mlp_norm``.
     """
     if isinstance(dictionary, CrossLayerTranscoder):
-        from .quality_clt import evaluate_clt
-
         if site is not None:
             raise ValueError("a CLT reads its sites by layer (clt.sites_in / sites_out); site= is not for CLTs")
         return evaluate_clt(model, dictionary, store, texts=texts, max_tokens=max_tokens, ce_tokens=ce_tokens,
                             batch_size=batch_size, lm_batch_size=lm_batch_size, dense_threshold=dense_threshold,
                             ce=ce, progress=progress, name=name)
+    return _evaluate_one(model, dictionary, store, site=site, texts=texts, max_tokens=max_tokens,
+                         ce_tokens=ce_tokens, batch_size=batch_size, lm_batch_size=lm_batch_size,
+                         dense_threshold=dense_threshold, ce=ce, progress=progress, name=name)
+
+
+def _evaluate_one(model: Any, dictionary: Dictionary, store: Any, *, site: str | Sequence[str] | None,
+                  texts: Sequence[str] | None, max_tokens: int | None, ce_tokens: int | None, batch_size: int,
+                  lm_batch_size: int, dense_threshold: float, ce: bool, progress: bool, name: str,
+                  clean: float | None = None) -> FeatureEval:
+    """:func:`evaluate` of one single-site dictionary; ``clean`` is the clean loss when the caller
+    has it already (:func:`compare_dictionaries` computes it once)."""
     check_fits(dictionary, model)  # resolves aliases to the registry's names
     for label, value in (("batch_size", batch_size), ("lm_batch_size", lm_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -279,7 +139,7 @@ def evaluate(model: Any, dictionary: Dictionary | CrossLayerTranscoder, store: A
     sites = [read] + ([out] if transcoder and out is not None else [])
     bar = progress_bar(limit, "evaluate", "tok", progress)
     try:
-        for batch in _aligned_batches(store, sites, batch_size, device, dtype):
+        for batch in aligned_batches(store, sites, batch_size, device, dtype):
             if n >= limit:
                 break
             take = min(batch[0].shape[0], limit - n)
@@ -308,11 +168,11 @@ def evaluate(model: Any, dictionary: Dictionary | CrossLayerTranscoder, store: A
                          (count.double() / n).float().cpu(), dense_threshold, name=name)
     if not ce:
         return result
-    rows: Any = list(texts) if texts is not None else _ce_rows(store, ce_tokens)
+    rows: Any = list(texts) if texts is not None else ce_rows(store, ce_tokens)
     if not rows:
         raise ValueError("no text to evaluate the loss on (pass texts=, or a store with rows of 2+ tokens)")
     common: dict[str, Any] = {"batch_size": lm_batch_size, "progress": progress}
-    clean = _clean if _clean is not None else lm_loss(model, rows, **common).mean
+    clean = clean if clean is not None else lm_loss(model, rows, **common).mean
     spliced = lm_loss(model, rows, hooks=dictionary_hooks(d, splice=True), **common)
     zero = lm_loss(model, rows, hooks={d.writes: zero_ablate()}, **common)
     result.ce_clean, result.ce_spliced, result.ce_zero, result.ce_tokens = clean, spliced.mean, zero.mean, \
@@ -337,7 +197,7 @@ class DictionaryComparison:
 
     def __repr__(self) -> str:
         rows = self.table()
-        return "\n".join(f"{str(r[0]):<26} " + " ".join(f"{_fmt(v):>22}" for v in r[1:]) for r in rows)
+        return "\n".join(f"{str(r[0]):<26} " + " ".join(f"{format_value(v):>22}" for v in r[1:]) for r in rows)
 
     def __getitem__(self, name: str) -> FeatureEval:
         return self.evals[name]
@@ -351,10 +211,17 @@ def compare_dictionaries(model: Any, dictionaries: Mapping[str, Dictionary] | Se
         f"{i}: {type(d).__name__} {d.d_sae}": d for i, d in enumerate(dictionaries)}
     evals: dict[str, FeatureEval] = {}
     clean: float | None = None
+    options = {**inspect.signature(evaluate).parameters}
+    bad = set(kwargs) - set(options)
+    if bad:
+        raise TypeError(f"compare_dictionaries got unknown keywords {sorted(bad)}; it takes evaluate's")
+    settings = {k: p.default for k, p in options.items() if p.default is not inspect.Parameter.empty}
+    settings.update(kwargs)
+    settings.pop("name", None)
     for label, d in items.items():
-        e = evaluate(model, d, store, name=label, _clean=clean, **kwargs)
-        if not isinstance(e, FeatureEval):
+        if isinstance(d, CrossLayerTranscoder):
             raise TypeError(f"{label}: compare_dictionaries takes single-site dictionaries; evaluate a CLT alone")
+        e = _evaluate_one(model, d, store, name=label, clean=clean, **settings)
         clean = e.ce_clean if clean is None else clean
         evals[label] = e
     return DictionaryComparison(evals)

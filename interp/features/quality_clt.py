@@ -25,7 +25,8 @@ from ..hooks import zero_ablate
 from ..progress import progress_bar
 from .clt import CrossLayerTranscoder
 from .interventions import clt_hooks
-from .quality import FeatureEval, _aligned_batches, _ce_rows, _fmt, recovered
+from .quality_base import FeatureEval, aligned_batches, ce_rows, recovered
+from .quality_base import format_value as fmt
 
 
 @dataclass
@@ -57,11 +58,11 @@ class CLTEval:
 
     def __repr__(self) -> str:
         lines = [f"CLTEval  {self.name}".rstrip(), f"  {'layer':>5} {'L0':>10} {'FVU':>10} {'dead':>8}"]
-        lines += [f"  {i:>5} {_fmt(e.l0):>10} {_fmt(e.fvu):>10} {e.n_dead:>8,}" for i, e in enumerate(self.layers)]
-        lines.append(f"  total L0 {_fmt(self.l0)}")
+        lines += [f"  {i:>5} {fmt(e.l0):>10} {fmt(e.fvu):>10} {e.n_dead:>8,}" for i, e in enumerate(self.layers)]
+        lines.append(f"  total L0 {fmt(self.l0)}")
         if self.ce_clean is not None:
-            lines.append(f"  CE clean {_fmt(self.ce_clean)}, spliced {_fmt(self.ce_spliced)}, zero-ablated "
-                         f"{_fmt(self.ce_zero)}, recovered {_fmt(self.ce_recovered)} ({self.ce_tokens:,} tokens)")
+            lines.append(f"  CE clean {fmt(self.ce_clean)}, spliced {fmt(self.ce_spliced)}, zero-ablated "
+                         f"{fmt(self.ce_zero)}, recovered {fmt(self.ce_recovered)} ({self.ce_tokens:,} tokens)")
         return "\n".join(lines)
 
 
@@ -89,7 +90,7 @@ def evaluate_clt(model: Any, clt: CrossLayerTranscoder, store: Any, *, texts: Se
     n = 0
     bar = progress_bar(limit, "evaluate CLT", "tok", progress)
     try:
-        for batch in _aligned_batches(store, sites, batch_size, device, clt.dtype):
+        for batch in aligned_batches(store, sites, batch_size, device, clt.dtype):
             if n >= limit:
                 break
             take = min(batch[0].shape[0], limit - n)
@@ -119,7 +120,7 @@ def evaluate_clt(model: Any, clt: CrossLayerTranscoder, store: Any, *, texts: Se
     result = CLTEval(layers, name=name)
     if not ce:
         return result
-    rows: Any = list(texts) if texts is not None else _ce_rows(store, ce_tokens)
+    rows: Any = list(texts) if texts is not None else ce_rows(store, ce_tokens)
     if not rows:
         raise ValueError("no text to evaluate the loss on (pass texts=, or a store with rows of 2+ tokens)")
     common: dict[str, Any] = {"batch_size": lm_batch_size, "progress": progress}

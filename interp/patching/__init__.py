@@ -51,11 +51,12 @@ loop of one patched forward per experiment to fp32 rounding (``tests/analysis/te
 (0.0, 1.0)
 """
 
-from .experiments import POSITION_SITES, SWEEPS, Experiment, check_sites, effective, merge_starts, plan, site_of
+from .experiments import POSITION_SITES, SWEEPS, check_sites, site_of
 from .pair import PromptPair, make_result, prepare_pair
 from .result import Comparison, PatchingResult, compare
-from .sweep import patch_sweep, patch_sweeps, run_wavefront
+from .sweep import patch_sweep, patch_sweeps
 
+# the sweeps, their results, and what other analyses build on (a prepared prompt pair, a sweep's
+# site names, a result from values); the planning and the wavefront stay in their modules
 __all__ = ["patch_sweep", "patch_sweeps", "PatchingResult", "Comparison", "compare", "SWEEPS", "POSITION_SITES",
-           "Experiment", "plan", "effective", "merge_starts", "check_sites", "site_of", "prepare_pair",
-           "make_result", "PromptPair", "run_wavefront"]
+           "check_sites", "site_of", "prepare_pair", "make_result", "PromptPair"]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..model import Gemma3
-from ..model.runs import available_memory
+from ..model.memory import available_memory
 from ..model.sites import block_site
 
 if TYPE_CHECKING:

@@ -14,7 +14,8 @@ from test_patching import CLEAN, CONFIGS, CORRUPT, FACT_CLEAN, FACT_CORRUPT, fac
 
 from interp.attribution import attribution_patch, attribution_patches
 from interp.metrics import logit_diff
-from interp.patching import SWEEPS, Experiment, compare, patch_sweep, patch_sweeps, plan, site_of
+from interp.patching import SWEEPS, compare, patch_sweep, patch_sweeps, site_of
+from interp.patching.experiments import Experiment, plan
 
 ALL_SWEEPS = tuple(SWEEPS)
 

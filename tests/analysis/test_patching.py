@@ -20,7 +20,8 @@ import interp.patching as patching
 from interp.metrics import kl, logit_diff, prob
 from interp.model import Gemma3, Gemma3Config
 from interp.model.config import GLOBAL, SLIDING
-from interp.patching import SWEEPS, Experiment, compare, patch_sweep, patch_sweeps, plan, site_of
+from interp.patching import SWEEPS, compare, patch_sweep, patch_sweeps, site_of
+from interp.patching.experiments import Experiment, plan
 
 ALL_SWEEPS = tuple(SWEEPS)
 

@@ -264,13 +264,13 @@ def test_probe_from_an_activation_store(char_model, tmp_path):
 
 
 def test_the_joint_fit_used_on_gpus_equals_fitting_each_site():
-    from interp.probes import _fit_logistic
+    from interp.probe_fit import fit_logistic
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 200, 6, generator=gen)
     y = (x[0, :, 0] + 0.5 * x[1, :, 1] > 0).long()
-    w, b = _fit_logistic(x, y, 2, 1e-3, 200)
+    w, b = fit_logistic(x, y, 2, 1e-3, 200)
     for i in range(3):
-        wi, bi = _fit_logistic(x[i:i + 1], y, 2, 1e-3, 200)
+        wi, bi = fit_logistic(x[i:i + 1], y, 2, 1e-3, 200)
         torch.testing.assert_close(w[i:i + 1], wi, atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(b[i:i + 1], bi, atol=2e-3, rtol=2e-3)
