@@ -52,6 +52,14 @@ def _token_mask(x: torch.Tensor, site: Site, positions: Any) -> torch.Tensor | N
     return positions_mask(positions, total)[held].to(x.device)[None, :, None]
 
 
+def _add_at(new: torch.Tensor, delta: torch.Tensor, site: Site, positions: Any) -> torch.Tensor:
+    """``new + delta`` at the tokens ``positions`` selects (every token when None)."""
+    mask = _token_mask(new, site, positions)
+    if mask is not None:
+        delta = delta * mask.to(delta.dtype)
+    return new.to(delta.dtype) + delta
+
+
 def dictionary_hooks(d: Dictionary | CrossLayerTranscoder, *, features: dict[str, torch.Tensor] | None = None,
                      splice: bool = False, keep_error: bool = False, ablate: Sequence[Any] = (),
                      clamp: Mapping[Any, float] | None = None, steer: Mapping[Any, float] | None = None,
@@ -117,10 +125,7 @@ def dictionary_hooks(d: Dictionary | CrossLayerTranscoder, *, features: dict[str
             add = (scales[:, None] * d.W_dec[fs]).sum(0)
             delta = add if delta is None else delta + add
         if delta is not None:
-            mask = _token_mask(new, site, positions)
-            if mask is not None:
-                delta = delta * mask.to(delta.dtype)
-            new = new.to(delta.dtype) + delta
+            new = _add_at(new, delta, site, positions)
         if new is out:
             return None
         return new.to(y.dtype).reshape(y.shape)
@@ -199,10 +204,7 @@ def clt_hooks(clt: CrossLayerTranscoder, *, features: dict[str, torch.Tensor] | 
                     d = scale * clt.decoder_rows(i, [index])[0, o - i]
                     delta = d if delta is None else delta + d
             if delta is not None:
-                mask = _token_mask(new, site, positions)
-                if mask is not None:
-                    delta = delta * mask.to(delta.dtype)
-                new = new.to(delta.dtype) + delta
+                new = _add_at(new, delta, site, positions)
             return None if new is y else new.to(y.dtype)
         return hook
 

@@ -37,14 +37,13 @@ from typing import Any
 
 import torch
 
-from ..evaluation import lm_loss
 from ..hooks import zero_ablate
 from ..progress import progress_bar
 from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
 from .interventions import dictionary_hooks
 from .io import check_fits
-from .quality_base import FeatureEval, aligned_batches, ce_rows, format_value
+from .quality_base import FeatureEval, aligned_batches, format_value, lm_effect
 from .quality_clt import CLTEval, evaluate_clt
 
 
@@ -168,15 +167,9 @@ def _evaluate_one(model: Any, dictionary: Dictionary, store: Any, *, site: str |
                          (count.double() / n).float().cpu(), dense_threshold, name=name)
     if not ce:
         return result
-    rows: Any = list(texts) if texts is not None else ce_rows(store, ce_tokens)
-    if not rows:
-        raise ValueError("no text to evaluate the loss on (pass texts=, or a store with rows of 2+ tokens)")
-    common: dict[str, Any] = {"batch_size": lm_batch_size, "progress": progress}
-    clean = clean if clean is not None else lm_loss(model, rows, **common).mean
-    spliced = lm_loss(model, rows, hooks=dictionary_hooks(d, splice=True), **common)
-    zero = lm_loss(model, rows, hooks={d.writes: zero_ablate()}, **common)
-    result.ce_clean, result.ce_spliced, result.ce_zero, result.ce_tokens = clean, spliced.mean, zero.mean, \
-        spliced.n_tokens
+    result.ce_clean, result.ce_spliced, result.ce_zero, result.ce_tokens = lm_effect(
+        model, texts, store, ce_tokens, lm_batch_size, progress, dictionary_hooks(d, splice=True),
+        {d.writes: zero_ablate()}, clean)
     return result
 
 

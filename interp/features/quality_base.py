@@ -11,6 +11,7 @@ import torch
 
 from ..data.corpus import PAD_DOC
 from ..display import figure
+from ..evaluation import lm_loss
 
 
 def recovered(ce_zero: float | None, ce_clean: float | None, ce_spliced: float | None) -> float | None:
@@ -162,4 +163,19 @@ def ce_rows(store: Any, ce_tokens: int | None) -> list[torch.Tensor]:
 
 
 
-__all__ = ["FeatureEval", "recovered", "format_value", "aligned_batches", "ce_rows"]
+def lm_effect(model: Any, texts: Any, store: Any, ce_tokens: int | None, lm_batch_size: int, progress: bool,
+              splice: Any, zero: Any, clean: float | None = None) -> tuple[float, float, float, int]:
+    """``(CE clean, CE spliced, CE zero-ablated, tokens)`` on ``texts`` (else the store's rows up to
+    ``ce_tokens``): the model's loss as it is (or ``clean`` when the caller has it), with the hooks
+    ``splice`` and with the hooks ``zero``."""
+    rows: Any = list(texts) if texts is not None else ce_rows(store, ce_tokens)
+    if not rows:
+        raise ValueError("no text to evaluate the loss on (pass texts=, or a store with rows of 2+ tokens)")
+    common: dict[str, Any] = {"batch_size": lm_batch_size, "progress": progress}
+    clean = clean if clean is not None else lm_loss(model, rows, **common).mean
+    spliced = lm_loss(model, rows, hooks=splice, **common)
+    zeroed = lm_loss(model, rows, hooks=zero, **common)
+    return clean, spliced.mean, zeroed.mean, spliced.n_tokens
+
+
+__all__ = ["FeatureEval", "recovered", "format_value", "aligned_batches", "ce_rows", "lm_effect"]

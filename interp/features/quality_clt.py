@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
-from ..evaluation import lm_loss
 from ..hooks import zero_ablate
 from ..progress import progress_bar
 from .clt import CrossLayerTranscoder
 from .interventions import clt_hooks
-from .quality_base import FeatureEval, aligned_batches, ce_rows, recovered
+from .quality_base import FeatureEval, aligned_batches, lm_effect, recovered
 from .quality_base import format_value as fmt
 
 
@@ -120,14 +119,9 @@ def evaluate_clt(model: Any, clt: CrossLayerTranscoder, store: Any, *, texts: Se
     result = CLTEval(layers, name=name)
     if not ce:
         return result
-    rows: Any = list(texts) if texts is not None else ce_rows(store, ce_tokens)
-    if not rows:
-        raise ValueError("no text to evaluate the loss on (pass texts=, or a store with rows of 2+ tokens)")
-    common: dict[str, Any] = {"batch_size": lm_batch_size, "progress": progress}
-    result.ce_clean = lm_loss(model, rows, **common).mean
-    spliced = lm_loss(model, rows, hooks=clt_hooks(clt, splice=True), **common)
-    result.ce_zero = lm_loss(model, rows, hooks={s: zero_ablate() for s in clt.sites_out}, **common).mean
-    result.ce_spliced, result.ce_tokens = spliced.mean, spliced.n_tokens
+    result.ce_clean, result.ce_spliced, result.ce_zero, result.ce_tokens = lm_effect(
+        model, texts, store, ce_tokens, lm_batch_size, progress, clt_hooks(clt, splice=True),
+        {s: zero_ablate() for s in clt.sites_out})
     return result
 
 
