@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import is_int
+
 Positions = int | slice | Sequence[int] | torch.Tensor
 
 
@@ -43,7 +45,7 @@ def _ints(positions: object, what: str) -> torch.Tensor:
             raise ValueError(f"{what}= must be 1-D here, got shape {tuple(positions.shape)}")
         return positions.detach().to("cpu", torch.long).reshape(-1)
     if isinstance(positions, (list, tuple, range)):
-        bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, int)]
+        bad = [p for p in positions if not is_int(p)]
         if bad:
             raise TypeError(f"{what}= must hold ints, got {bad[0]!r} in {list(positions)!r}")
         return torch.tensor(list(positions), dtype=torch.long)
@@ -107,7 +109,7 @@ def resolve_position(position: int, length: int, *, what: str = "position") -> i
     >>> resolve_position(-1, 6)
     5
     """
-    if isinstance(position, bool) or not isinstance(position, int):
+    if not is_int(position):
         raise TypeError(f"{what}= must be an int, got {type(position).__name__}")
     return int(resolve_positions(position, length, what=what)[0])
 

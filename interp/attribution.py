@@ -47,6 +47,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .hooks.checks import is_int
 from .metrics import Metric
 from .model import Gemma3
 from .model.sites import block_site
@@ -70,7 +71,7 @@ def _check(method: str, steps: int | None, graddrop: bool) -> int:
     if method == "ig" and graddrop:
         raise ValueError("graddrop=True goes with method='atp' or 'atp*', not 'ig'")
     n = 16 if steps is None else steps
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"steps must be a positive integer (1 = plain attribution patching), got {steps!r}")
     return n
 

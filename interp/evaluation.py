@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .hooks import HookSpec, NonFiniteError
+from .hooks.checks import is_int
 from .model import Gemma3
 from .model.finite import raise_non_finite
 from .model.memory import available_memory
@@ -78,7 +79,7 @@ def lm_loss(model: Gemma3, texts: str | Sequence[str] | torch.Tensor | Sequence[
     >>> ablated = lm_loss(model, ["The capital of France is Paris."],
     ...                   hooks={"blocks.5.mlp.out": interp.zero_ablate()})  # doctest: +SKIP
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     rows = _rows(model, texts)
     short = [i for i, r in enumerate(rows) if r.numel() < 2]

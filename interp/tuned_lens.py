@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .hooks import NonFiniteError, partial_run
+from .hooks.checks import is_int
 from .model import Gemma3
 from .model.sites import block_site
 from .plots import escape_token, line
@@ -158,9 +159,9 @@ class TunedLens(nn.Module):
         last layer's translator is not trained. Deterministic for a given ``seed``.
         """
         cfg = model.cfg
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if not is_int(steps) or steps < 1:
             raise TunedLensError(f"steps must be a positive int, got {steps!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise TunedLensError(f"batch_size must be a positive int, got {batch_size!r}")
         sites = _check_store(model, store, site_kind)
         L = cfg.n_layers

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..hooks.checks import is_int, is_number
 from .config_rules import GLOBAL, LAYER_TYPES, LIMITS, SLIDING, ConfigError, default_layer_types
 from .hf_config import config_to_hf, hf_error, hf_fields
 
@@ -25,14 +26,14 @@ def validate(cfg: Gemma3Config) -> None:
     entry per layer) is built."""
     for name, limit in LIMITS.items():
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if value > limit:
             raise ConfigError(f"{name}={value:,} is beyond any Gemma 3 model (at most {limit:,} here); "
                               "check the configuration")
     for name in ("rope_local_base", "rope_global_base", "rope_global_factor", "query_pre_attn_scalar", "eps"):
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if not is_number(value) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
     if cfg.d_head % 2:
         raise ConfigError(f"d_head must be even (RoPE rotates pairs of halves), got {cfg.d_head}")
@@ -41,7 +42,7 @@ def validate(cfg: Gemma3Config) -> None:
                           "each key/value head serves a whole group of query heads")
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < cfg.vocab_size:
+        if not is_int(value) or not 0 <= value < cfg.vocab_size:
             raise ConfigError(f"{name}={value!r} is not a token id of a vocabulary of {cfg.vocab_size}")
     if not cfg.layer_types:
         object.__setattr__(cfg, "layer_types", default_layer_types(cfg.n_layers))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..hooks import HookSpec, NameSpec, Site, hook_pairs
+from ..hooks.checks import is_int
 from .cache import Gemma3Cache
 from .inputs import InputError, is_text
 from .kvcache import KVCache
@@ -185,7 +186,7 @@ class GenerateMixin(RunsMixin):
 
     def _start(self, prompt: Any, max_new_tokens: int, attention_mask: torch.Tensor | None,
                sampling: dict[str, Any], stop: str | Sequence[str] | None, stop_at_eos: bool) -> _Run:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_int(max_new_tokens) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         ids, mask = self.to_tokens(prompt, attention_mask)
         if mask is not None and not bool(mask[:, -1].all()):

@@ -18,6 +18,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..hooks.checks import is_int, is_number
 from .config_rules import GLOBAL, LIMITS, SLIDING, ConfigError, default_layer_types
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def hf_error(e: ConfigError, source: str | None) -> ConfigError:
 
 def _int(hf: dict[str, Any], key: str, field: str) -> int:
     value = hf[key]
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
@@ -90,7 +91,7 @@ def _int(hf: dict[str, Any], key: str, field: str) -> int:
 
 
 def _float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise ConfigError(f"{key} must be a number, got {value!r}")
     return float(value)
 
@@ -150,7 +151,7 @@ def _from_dict(hf: dict[str, Any]) -> dict[str, Any]:
     layer_types = hf.get("layer_types")
     if layer_types is None:
         pattern = hf.get("sliding_window_pattern") or 6
-        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+        if not is_int(pattern) or pattern < 1:
             raise ConfigError(f"sliding_window_pattern must be a positive integer, got {pattern!r}")
         layer_types = default_layer_types(n_layers, pattern)
     elif not isinstance(layer_types, list) or len(layer_types) != n_layers:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..hooks.checks import is_int
 from ..hooks.positions import resolve_positions
 from .config import Gemma3Config
 
@@ -143,7 +144,7 @@ def check_layers(cfg: Gemma3Config, start_at_layer: int, stop_at_layer: int | No
     """Check the bounds of a partial run; returns the layer it stops before."""
     n = cfg.n_layers
     for name, value in (("start_at_layer", start_at_layer), ("stop_at_layer", stop_at_layer)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is not None and (not is_int(value)):
             raise InputError(f"{name} must be an int, got {value!r}")
     if not 0 <= start_at_layer <= n:
         raise InputError(f"start_at_layer={start_at_layer} is outside 0..{n} (the model has {n} layers)")

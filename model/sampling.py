@@ -15,13 +15,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..hooks.checks import is_int, is_number
 from .inputs import InputError
 
 
 def _check(name: str, value: float | None, low: float, high: float | None = None, *, closed_low: bool = True) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if not is_number(value) or value != value:
         raise InputError(f"{name} must be a number, got {value!r}")
     ok = (value >= low if closed_low else value > low) and (high is None or value <= high)
     if not ok:
@@ -44,12 +45,12 @@ class Sampler:
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | Sequence[int] | None = None,
                  batch: int = 1, device: str | torch.device = "cpu"):
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        if not is_number(temperature) or not temperature >= 0:
             raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
         _check("top_p", top_p, 0.0, 1.0, closed_low=False)
         _check("min_p", min_p, 0.0, 1.0)
         _check("repetition_penalty", repetition_penalty, 0.0, closed_low=False)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (not is_int(top_k) or top_k < 1):
             raise InputError(f"top_k must be a positive int (or None for the whole vocabulary), got {top_k!r}")
         self.temperature, self.top_k, self.top_p, self.min_p = float(temperature), top_k, top_p, min_p
         self.repetition_penalty = float(repetition_penalty)

@@ -29,6 +29,7 @@ from typing import Any, cast
 
 import torch
 
+from ..hooks.checks import is_int
 from ..model import Gemma3
 from ..model.layers import Block
 from ..model.sites import block_site
@@ -98,7 +99,7 @@ def ig_grads(model: Gemma3, pair: PromptPair, names: Sequence[str], steps: int,
     gradients at ``names`` when the embeddings are ``corrupt + alpha (clean - corrupt)``:
     ``{name: [1, *site shape]}``. ``steps=1`` is the gradient of the corrupt run (AtP).
     Needs ``embed`` in both of the pair's caches."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive integer (1 = plain attribution patching), got {steps!r}")
     lo = pair.corrupt_cache["embed"].float()
     hi = pair.clean_cache["embed"].float()

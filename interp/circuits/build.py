@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ..hooks import NonFiniteError
+from ..hooks.checks import check_int
 from ..model import Gemma3
 from ..model.inputs import Prompt
 from ..model.memory import CacheTooLargeError, available_memory, format_bytes
@@ -121,13 +122,6 @@ def _logit_tokens(model: Gemma3, probs: torch.Tensor, logits: Any, max_n_logits:
     return idx[:min(n, max_n_logits)].tolist()
 
 
-def _positive(name: str, value: Any, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
 def attribution_graph(model: Gemma3, prompt: Prompt, transcoders: Transcoders, *, logits: Any = None,
                       max_n_logits: int = 10, desired_logit_prob: float = 0.95,
                       max_feature_nodes: int | None = MAX_FEATURE_NODES, position: int = -1,
@@ -157,9 +151,9 @@ def attribution_graph(model: Gemma3, prompt: Prompt, transcoders: Transcoders, *
     if not -seq <= position < seq:
         raise IndexError(f"position={position} is outside the prompt's {seq} tokens")
     position %= seq
-    _positive("batch_size", batch_size)
-    _positive("update_interval", update_interval)
-    _positive("max_feature_nodes", max_feature_nodes, allow_none=True)
+    check_int("batch_size", batch_size, low=1)
+    check_int("update_interval", update_interval, low=1)
+    check_int("max_feature_nodes", max_feature_nodes, low=1, allow_none=True)
     dicts = GraphDictionaries(model, transcoders)
     was_training = model.training
     model.eval()

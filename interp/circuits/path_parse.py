@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..hooks import UnknownSiteError
+from ..hooks.checks import is_int
 from ..model import Gemma3
 from ..model.sites import LAYER_FORMAT, block_site, kind_of
 from ..tokens import Top
@@ -89,7 +90,7 @@ def _receiver(model: Gemma3, spec: Any) -> Receiver:
     if head is None:
         return Receiver(kind, layer, None, f"{site_name} (all heads)", 2 * layer)
     count = cfg.n_heads if kind == "q" else cfg.n_kv_heads
-    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < count:
+    if not is_int(head) or not 0 <= head < count:
         if kind == "q":
             raise IndexError(f"{site_name}: head {head!r} is outside the layer's {count} query heads")
         raise IndexError(f"{site_name}: head {head!r} is outside the layer's {count} key/value heads; keys and "

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from ..hooks.checks import is_int
+
 BOS_DOC, PAD_DOC = -1, -2
 
 
@@ -143,7 +145,7 @@ class Corpus:
              max_tokens: int | None = None) -> Rows:
         """Tokenize into rows of ``context`` tokens (see the module docstring); stop once
         ``max_tokens`` tokens (padding excluded) are in the rows."""
-        if isinstance(context, bool) or not isinstance(context, int) or context < 2:
+        if not is_int(context) or context < 2:
             raise CorpusError(f"context must be an int of at least 2 (BOS and one token), got {context!r}")
         ids: list[list[int]] = []
         doc: list[list[int]] = []

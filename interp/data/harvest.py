@@ -33,6 +33,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..hooks import NameSpec, positions_mask
+from ..hooks.checks import is_int
 from ..model import Gemma3
 from ..model.memory import format_bytes
 from ..model.sites import kind_of
@@ -109,7 +110,7 @@ def harvest(model: Gemma3, corpus: Corpus | Any, names: NameSpec, out_dir: str |
     for name, value in (("batch_size", batch_size), ("shard_tokens", shard_tokens)):
         if name == "shard_tokens" and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise HarvestError(f"{name} must be a positive int, got {value!r}")
     sites, stop = _sites(model, names)
     group = Group.current(model.device)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..hooks import zero_ablate
+from ..hooks.checks import is_int
 from ..progress import progress_bar
 from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
@@ -107,9 +108,9 @@ def _evaluate_one(model: Any, dictionary: Dictionary, store: Any, *, site: str |
     has it already (:func:`compare_dictionaries` computes it once)."""
     check_fits(dictionary, model)  # resolves aliases to the registry's names
     for label, value in (("batch_size", batch_size), ("lm_batch_size", lm_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1):
         raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
     if not 0 <= dense_threshold < 1:
         raise ValueError(f"dense_threshold is a fraction of tokens in [0, 1), got {dense_threshold!r}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..hooks.checks import is_int
 from ..model import Gemma3
 from ..progress import progress_bar
 from ..tokens import str_tokens
@@ -99,7 +100,7 @@ def top_activations(dictionary: Dictionary, store: Any, features: Iterable[int] 
         raise ValueError("the dictionary names no site; set .site or pass site=")
     if site not in store.manifest["sites"]:
         raise KeyError(f"the dictionary reads {site!r}, which this store did not harvest (it has {store.sites})")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     before, after = (int(w) for w in window)
     if before < 0 or after < 0:
