@@ -67,7 +67,7 @@ def repeated_random_tokens(model_or_cfg: Any, seq_len: int = 50, batch: int = 4,
 
 def as_tokens(model: Gemma3, prompt: Prompt) -> torch.Tensor:
     """Unpadded token ids ``[batch, seq]`` of a prompt (attention analyses need no padding)."""
-    ids, mask = model.to_tokens(prompt)
+    ids, mask = model.to_tokens_and_mask(prompt)
     if mask is not None:
         raise ValueError("attention analyses need unpadded input: pass one prompt, or token ids "
                          "of equal length [batch, seq]")

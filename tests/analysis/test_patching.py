@@ -64,8 +64,8 @@ def naive_value(model, clean_ids, corrupt_ids, metric, e: Experiment, clean_cach
 
 def naive_sweep(model, clean, corrupt, metric, kinds, select=None) -> dict[str, dict[tuple, float]]:
     """``{kind: {cell: raw metric}}`` for every (or every ``select``-ed) experiment, one forward each."""
-    clean_ids, _ = model.to_tokens(clean)
-    corrupt_ids, _ = model.to_tokens(corrupt)
+    clean_ids = model.to_tokens(clean)
+    corrupt_ids = model.to_tokens(corrupt)
     names = sorted({f"blocks.*.{site_of(k)}" for k in kinds})
     _, cache = model.run_with_cache(clean_ids, names)
     out: dict[str, dict[tuple, float]] = {k: {} for k in kinds}
@@ -215,8 +215,8 @@ FACT_CLEAN, FACT_CORRUPT = "The capital of France is", "The capital of Italy is"
 
 def answer_id(model, prompt: str, answer: str) -> int:
     """The first token of ``answer`` as the model would read it after ``prompt``."""
-    p = model.to_tokens(prompt)[0][0].tolist()
-    full = model.to_tokens(prompt + answer)[0][0].tolist()
+    p = model.to_tokens(prompt)[0].tolist()
+    full = model.to_tokens(prompt + answer)[0].tolist()
     assert full[:len(p)] == p, "the answer must start a new token"
     return full[len(p)]
 
@@ -224,7 +224,7 @@ def answer_id(model, prompt: str, answer: str) -> int:
 def fact_metric(model):
     """logit(' Paris') - logit(' Rome') after the factual prompts (checked to be one token each)."""
     paris, rome = answer_id(model, FACT_CLEAN, " Paris"), answer_id(model, FACT_CORRUPT, " Rome")
-    assert model.to_tokens(FACT_CLEAN)[0].shape == model.to_tokens(FACT_CORRUPT)[0].shape
+    assert model.to_tokens(FACT_CLEAN).shape == model.to_tokens(FACT_CORRUPT).shape
     return logit_diff(paris, rome)
 
 
