@@ -197,6 +197,28 @@ def test_bad_inputs_are_explained():
         patch_sweep(model, CLEAN, CLEAN, logit_diff(3, 4), progress=False)
 
 
+def test_one_sweep_is_kind_several_are_kinds():
+    """``kind=`` / ``kinds=`` (the word head_scores and cache.stack use), not ``site=``, which elsewhere
+    means a full site name; passing one where the other belongs says which function to call."""
+    from interp.attribution import attribution_patch, attribution_patches
+
+    model = make_model(CONFIGS["mqa"])
+    metric = logit_diff(3, 4)
+    one = patch_sweep(model, CLEAN, CORRUPT, metric, kind="resid_post", progress=False)
+    assert torch.equal(one.values, patch_sweeps(model, CLEAN, CORRUPT, metric, kinds=["resid_post"],
+                                                progress=False)["resid_post"].values)
+    with pytest.raises(TypeError, match=r"kind= takes one sweep; for several use patch_sweeps\(\.\.\., kinds="):
+        patch_sweep(model, CLEAN, CORRUPT, metric, kind=["resid_pre", "attn.z"], progress=False)
+    with pytest.raises(TypeError, match=r"kinds= takes a list of sweeps; for one use patch_sweep\(\.\.\., kind="):
+        patch_sweeps(model, CLEAN, CORRUPT, metric, kinds="resid_pre", progress=False)
+    with pytest.raises(TypeError, match=r"for several use attribution_patches\(\.\.\., kinds="):
+        attribution_patch(model, CLEAN, CORRUPT, metric, kind=["resid_pre"])
+    with pytest.raises(TypeError, match=r"for one use attribution_patch\(\.\.\., kind="):
+        attribution_patches(model, CLEAN, CORRUPT, metric, kinds="resid_pre")
+    with pytest.raises(TypeError, match="site"):
+        patch_sweep(model, CLEAN, CORRUPT, metric, site="resid_pre", progress=False)  # the old spelling is gone
+
+
 @pytest.mark.parametrize("tqdm_installed", [True, False])
 def test_progress_bar_writes_to_stderr(capsys, monkeypatch, tqdm_installed):
     if not tqdm_installed:
