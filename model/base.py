@@ -62,7 +62,7 @@ class ModelBase(nn.Module):
         >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
         ...     n_kv_heads=1, d_head=8, vocab_size=9))
         >>> m.to_tokens_and_mask([[2, 5]], attention_mask=torch.tensor([[0, 1]]))
-        (tensor([[2, 5]]), tensor([[False,  True]]))
+        (tensor([[2, 5]]), tensor([[0, 1]]))
         """
         ids, mask = to_ids(self.cfg, self.tokenizer, prompt)
         if mask is not None and attention_mask is None:
