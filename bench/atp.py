@@ -134,7 +134,7 @@ def agreement_table(model: Any, pairs: Sequence[tuple[str, str, str, str]],
 
     for clean, corrupt, right, wrong in pairs:
         metric = logit_diff(right, wrong)
-        seq = model.to_tokens(clean)[0].shape[1]
+        seq = model.to_tokens(clean).shape[1]
         with counting(model, seq) as cost:
             t0 = time.perf_counter()
             actual = patch_sweeps(model, clean, corrupt, metric, list(sites), progress=False)

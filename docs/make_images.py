@@ -44,7 +44,7 @@ def main() -> None:
     m = interp.load("demo")
     prompt = "The capital of France is"
     snap(interp.logit_lens(m, prompt, targets=[" Paris"]).plot(), "logit_lens", height=620)
-    snap(interp.head_scores(m, "induction", seq_len=50, batch=2, seed=0).plot(), "induction_heads", width=700)
+    snap(interp.head_scores(m, "induction", seq_len=50, batch_size=2, seed=0).plot(), "induction_heads", width=700)
     result = interp.patch_sweep(m, prompt, "The capital of Italy is", logit_diff(" Paris", " Rome"),
                                 site="resid_pre", progress=False)
     snap(result.plot(), "patching_resid_pre", width=800, height=620)

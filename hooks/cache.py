@@ -66,7 +66,9 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         """The aliases of a cache built without ``aliases=`` (a model's cache class derives them)."""
         return {}
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str | tuple[str, int]) -> torch.Tensor:
+        if isinstance(name, tuple):
+            return self._by_layer(name)
         if name in self._t:
             return self._t[name]
         if name in self.aliases and self.aliases[name] in self._t:
@@ -77,7 +79,42 @@ class ActivationCache(Mapping[str, torch.Tensor]):
             f"run_with_cache(..., names={name!r}) or names=None for every site")
 
     def __contains__(self, name: object) -> bool:
+        if isinstance(name, tuple):
+            try:
+                return self._layer_key(*name) in self._t
+            except (KeyError, TypeError, ValueError):
+                return False
         return name in self._t or self.aliases.get(name) in self._t  # type: ignore[call-overload]
+
+    def _layer_key(self, kind: str, layer: int) -> str:
+        """The site name a ``(kind, layer)`` key means (a model's cache class adds its own
+        spellings, e.g. TransformerLens's short names); an unknown kind or a bad layer raises."""
+        if self._names is None:
+            raise KeyError(f"({kind!r}, {layer!r}): this cache has no per-layer naming (layer_format); index it "
+                           "by full site name")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise KeyError(f"({kind!r}, {layer!r}): the layer must be an int >= 0")
+        return self._names.join(layer, kind)
+
+    def _by_layer(self, key: tuple[Any, ...]) -> torch.Tensor:
+        """``cache[kind, layer]``, TransformerLens's indexing: ``cache["resid_post", 3]`` is
+        ``cache["blocks.3.resid_post"]`` (for a cache with ``layer_format="blocks.{layer}."``).
+
+        >>> c = ActivationCache({"blocks.3.resid_post": torch.ones(1)}, layer_format="blocks.{layer}.")
+        >>> c["resid_post", 3]
+        tensor([1.])
+        """
+        if len(key) != 2:
+            raise KeyError(f"cache[{', '.join(map(repr, key))}]: a tuple key is (kind, layer), e.g. "
+                           "cache['resid_post', 3]; TransformerLens's third element (layer type) is not taken")
+        name = self._layer_key(*key)
+        if name in self._t:
+            return self._t[name]
+        _, kind = self._names.split(name) if self._names is not None else (None, name)
+        layers = self.layers(kind)
+        held = f"{kind} is cached at layers {layers}" if layers else f"no layer's {kind} is cached"
+        raise KeyError(f"cache[{key[0]!r}, {key[1]}] = {name!r} is not in this cache ({held}); cache it with "
+                       f"run_with_cache(..., names={name!r})")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._t)

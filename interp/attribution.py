@@ -51,7 +51,7 @@ from .hooks.checks import is_int
 from .metrics import Metric
 from .model import Gemma3
 from .model.sites import block_site
-from .patching import PatchingResult, check_sites, make_result, prepare_pair, site_of
+from .patching import PatchingResult, check_kinds, make_result, prepare_pair, site_of
 
 METHODS = ("atp", "ig", "atp*")
 
@@ -114,7 +114,7 @@ def _estimate(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callable
 
 
 def attribution_patch(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callable,
-                      site: str = "resid_pre", *, method: str = "atp", steps: int | None = None,
+                      kind: str = "resid_pre", *, method: str = "atp", steps: int | None = None,
                       graddrop: bool = False, max_bytes: int | None = None) -> PatchingResult:
     """Estimated patching scores of one sweep (same names and shapes as
     :func:`~interp.patching.patch_sweep`). ``method``: ``"atp"`` (plain), ``"ig"`` (integrated
@@ -126,20 +126,20 @@ def attribution_patch(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | 
     ...                         logit_diff(" Paris", " Rome"), method="ig", steps=8)  # doctest: +SKIP
     >>> compare(patch_sweep(...), est).plot()  # doctest: +SKIP
     """
-    if not isinstance(site, str):
-        raise TypeError(f"site= takes one sweep name; for several use attribution_patches(..., sites={site!r})")
-    kinds = check_sites(site)
+    if not isinstance(kind, str):
+        raise TypeError(f"kind= takes one sweep; for several use attribution_patches(..., kinds={kind!r})")
+    kinds = check_kinds(kind)
     return _estimate(model, clean, corrupt, metric, kinds, method, steps, graddrop, max_bytes)[kinds[0]]
 
 
 def attribution_patches(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callable,
-                        sites: Sequence[str] = ("resid_pre", "attn.out", "mlp.out"), *, method: str = "atp",
+                        kinds: Sequence[str] = ("resid_pre", "attn.out", "mlp.out"), *, method: str = "atp",
                         steps: int | None = None, graddrop: bool = False,
                         max_bytes: int | None = None) -> dict[str, PatchingResult]:
-    """:func:`attribution_patch` of several sweeps from the same runs: ``{name: PatchingResult}``."""
-    if isinstance(sites, str):
-        raise TypeError(f"sites= takes a list of sweep names; for one use attribution_patch(..., site={sites!r})")
-    return _estimate(model, clean, corrupt, metric, check_sites(sites), method, steps, graddrop, max_bytes)
+    """:func:`attribution_patch` of several sweeps from the same runs: ``{kind: PatchingResult}``."""
+    if isinstance(kinds, str):
+        raise TypeError(f"kinds= takes a list of sweeps; for one use attribution_patch(..., kind={kinds!r})")
+    return _estimate(model, clean, corrupt, metric, check_kinds(kinds), method, steps, graddrop, max_bytes)
 
 
 __all__ = ["attribution_patch", "attribution_patches", "METHODS"]

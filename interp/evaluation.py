@@ -54,11 +54,11 @@ def _rows(model: Gemma3, texts: Any) -> list[torch.Tensor]:
     if isinstance(texts, str):
         texts = [texts]
     if isinstance(texts, torch.Tensor):
-        ids, _ = model.to_tokens(texts)
+        ids = model.to_tokens(texts)
         return [row for row in ids.cpu()]
     rows = []
     for t in texts:
-        ids, _ = model.to_tokens(t)
+        ids = model.to_tokens(t)
         rows.append(ids[0].cpu())
     if not rows:
         raise ValueError("lm_loss needs at least one text")

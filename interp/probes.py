@@ -205,16 +205,16 @@ def _stack(names: list[str], feats: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(feats)
 
 
-def _features(source: Any, sites: str | Sequence[str] | None, positions: int | str
+def _features(source: Any, wanted: str | Sequence[str] | None, positions: int | str
               ) -> tuple[list[str], torch.Tensor]:
     """Site names and stacked features ``[S, n, d]`` (float32, on the CPU)."""
     from .data.store import ActivationStore
 
     if isinstance(source, ActivationStore):
-        names = _site_names(source.sites, sites)
+        names = _site_names(source.sites, wanted)
         return names, _stack(names, [_store_features(source, s, positions) for s in names])
     if isinstance(source, Mapping):
-        names = _site_names([str(k) for k in source], sites)
+        names = _site_names([str(k) for k in source], wanted)
         tensors = {str(k): v for k, v in source.items()}
         feats = []
         for s in names:
@@ -226,18 +226,18 @@ def _features(source: Any, sites: str | Sequence[str] | None, positions: int | s
     if isinstance(source, torch.Tensor):
         if source.dim() != 3:
             raise ProbeError(f"a tensor source is [sites, n, d], got shape {tuple(source.shape)}")
-        if sites is None:
+        if wanted is None:
             names = [str(i) for i in range(source.shape[0])]
         else:
-            names = [sites] if isinstance(sites, str) else [str(s) for s in sites]
+            names = [wanted] if isinstance(wanted, str) else [str(s) for s in wanted]
             if len(names) != source.shape[0]:
-                raise ProbeError(f"sites= names {len(names)} sites, but the tensor holds {source.shape[0]}")
+                raise ProbeError(f"names= gives {len(names)} names, but the tensor holds {source.shape[0]} sites")
         return names, source.detach().float().cpu()
     raise ProbeError(f"source must be an ActivationStore, a dict {{site: [n, d]}} or a tensor [sites, n, d], "
                      f"got {type(source).__name__}")
 
 
-def probe(source: Any, labels: Any, sites: str | Sequence[str] | None = None, kind: str = "logistic", *,
+def probe(source: Any, labels: Any, names: str | Sequence[str] | None = None, kind: str = "logistic", *,
           test_fraction: float = 0.25, seed: int = 0, weight_decay: float = 1e-3, steps: int = 500,
           positions: int | str = -1) -> ProbeResult:
     """Fit one linear probe per site and score it on held-out rows.
@@ -246,7 +246,7 @@ def probe(source: Any, labels: Any, sites: str | Sequence[str] | None = None, ki
     ``positions``-th harvested token of each row that is not padding, ``-1`` = the last, or
     ``"mean"`` over them), a dict ``{site: [n, d]}`` or a tensor ``[sites, n, d]``. ``labels``
     has one entry per row: class labels of any sortable kind for ``kind="logistic"``, numbers
-    ``[n]`` or ``[n, k]`` for ``kind="linear"``. ``sites`` picks sites of a store or dict (names
+    ``[n]`` or ``[n, k]`` for ``kind="linear"``. ``names`` picks sites of a store or dict (names
     or globs such as ``"blocks.*.resid_post"``), or names the rows of a tensor.
 
     The held-out split (``test_fraction`` of the rows, stratified by class) depends only on
@@ -266,7 +266,7 @@ def probe(source: Any, labels: Any, sites: str | Sequence[str] | None = None, ki
         raise ProbeError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ProbeError(f"steps must be a positive int, got {steps!r}")
-    names, feats = _features(source, sites, positions)
+    names, feats = _features(source, names, positions)
     S, n, d = feats.shape
     if S == 0:
         raise ProbeError("no site to probe")

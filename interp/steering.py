@@ -133,7 +133,7 @@ def site_activations(model: Gemma3, prompts: Sequence[Any], site: str, position:
     groups += [[i] for i, p in enumerate(prompts) if not isinstance(p, str)]
     for group in groups:
         is_text = isinstance(prompts[group[0]], str)
-        ids, mask = model.to_tokens([prompts[i] for i in group] if is_text else prompts[group[0]])
+        ids, mask = model.to_tokens_and_mask([prompts[i] for i in group] if is_text else prompts[group[0]])
         if not is_text and ids.shape[0] != 1:
             raise ValueError(f"prompt {group[0]} is a batch of {ids.shape[0]}; pass one prompt per entry")
         lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]

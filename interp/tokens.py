@@ -97,7 +97,7 @@ def str_tokens(model: Any, ids: Any) -> list[str]:
 
 def single_prompt(model: Any, prompt: Any) -> torch.Tensor:
     """Token ids ``[1, seq]`` of one unpadded prompt (text or ids); a batch is an error."""
-    ids, mask = model.to_tokens(prompt)
+    ids, mask = model.to_tokens_and_mask(prompt)
     if ids.shape[0] != 1 or mask is not None:
         raise ValueError(f"pass one prompt (got a batch of {ids.shape[0]}); run the analysis once per prompt")
     return ids

@@ -6,6 +6,7 @@ stand-ins for the model they are mixed into.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..hooks import HookRegistry
 from .config import Gemma3Config
-from .inputs import Prompt, check_mask, to_ids
+from .inputs import InputError, Prompt, check_mask, to_ids
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -38,22 +39,52 @@ class ModelBase(nn.Module):
         """Where the weights live; inputs are moved here."""
         return self.embed.weight.device
 
-    def to_tokens(self, prompt: Prompt, attention_mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Turn text, a batch of texts or ids into ``(ids [b, s], attention_mask [b, s] | None)``
-        on the model's device; a list of texts is left-padded for you.
+    def to_tokens(self, prompt: Prompt) -> torch.Tensor:
+        """Token ids ``[b, s]`` of text, a batch of texts or ids, on the model's device (as
+        TransformerLens's ``to_tokens``); a list of texts is left-padded for you, and
+        :meth:`to_tokens_and_mask` gives the attention mask that goes with it.
 
         >>> from interp.model import Gemma3, Gemma3Config
         >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
         ...     n_kv_heads=1, d_head=8, vocab_size=9))
-        >>> m.to_tokens([2, 5])[0]
+        >>> m.to_tokens([2, 5])
         tensor([[2, 5]])
+        """
+        return self.to_tokens_and_mask(prompt)[0]
+
+    def to_tokens_and_mask(self, prompt: Prompt, attention_mask: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(ids [b, s], attention_mask [b, s] | None)`` of ``prompt``, on the model's device: the
+        mask of a left-padded batch of texts (None when nothing is padded), or ``attention_mask``
+        when given, checked against the ids.
+
+        >>> from interp.model import Gemma3, Gemma3Config
+        >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
+        ...     n_kv_heads=1, d_head=8, vocab_size=9))
+        >>> m.to_tokens_and_mask([[2, 5]], attention_mask=torch.tensor([[0, 1]]))
+        (tensor([[2, 5]]), tensor([[0, 1]]))
         """
         ids, mask = to_ids(self.cfg, self.tokenizer, prompt)
         if mask is not None and attention_mask is None:
             attention_mask = mask
         ids = ids.to(self.device)
         return ids, check_mask(attention_mask, tuple(ids.shape), 0, self.device)
+
+    def to_str_tokens(self, prompt: str | Sequence[int] | torch.Tensor, bos: bool = True) -> list[str]:
+        """Each token of ``prompt`` (a text, or one sequence of ids) as its text, BOS first for a
+        text (as TransformerLens's ``to_str_tokens``; :meth:`Tokenizer.to_str_tokens` does the work).
+
+        >>> from interp.model import Gemma3, Gemma3Config
+        >>> m = Gemma3.from_config(Gemma3Config(n_layers=1, d_model=8, d_mlp=8, n_heads=1,
+        ...     n_kv_heads=1, d_head=8, vocab_size=9))
+        >>> m.to_str_tokens("hi")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        InputError: this model has no tokenizer (built from a configuration) ...
+        """
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer (built from a configuration); load one with "
+                             "Gemma3.from_pretrained, or pass token ids to the analyses")
+        return self.tokenizer.to_str_tokens(prompt, bos=bos)
 
     def reaches(self, name: str, start_at_layer: int = 0, stop: int | None = None, from_resid: bool = False,
                 to_logits: bool = True) -> bool:

@@ -19,16 +19,19 @@ from collections.abc import Mapping
 import torch
 
 from ..hooks import ActivationCache
-from .sites import LAYER_FORMAT, aliases_of, block_site
+from .sites import LAYER_FORMAT, aliases_of, block_site, layer_site
 
 
 class Gemma3Cache(ActivationCache):
     """An :class:`~interp.hooks.ActivationCache` of a Gemma 3 run, with the residual algebra.
 
-    Indexing takes a site's Hugging Face and TransformerLens aliases too (keys stay site names):
+    Indexing takes a site's Hugging Face and TransformerLens aliases too (keys stay site names),
+    and ``(kind, layer)`` as TransformerLens's cache does (``kind``: ours or TransformerLens's short
+    name, see :func:`~interp.model.sites.layer_site`):
 
-    >>> Gemma3Cache({"blocks.3.resid_post": torch.ones(1)})["blocks.3.hook_resid_post"]
-    tensor([1.])
+    >>> c = Gemma3Cache({"blocks.3.resid_post": torch.ones(1)})
+    >>> c["blocks.3.hook_resid_post"], c["resid_post", 3], ("resid_post", 4) in c
+    (tensor([1.]), tensor([1.]), False)
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, layer_format: str | None = LAYER_FORMAT):
@@ -42,6 +45,15 @@ class Gemma3Cache(ActivationCache):
             except KeyError:  # not a site name of this model (a hand-built cache may hold others)
                 continue
         return known
+
+    def _layer_key(self, kind: str, layer: int) -> str:
+        """``cache["resid_post", 3]``: our kinds and TransformerLens's short names
+        (:func:`~interp.model.sites.layer_site`).
+
+        >>> Gemma3Cache({"blocks.2.attn.pattern": torch.ones(1)})["pattern", 2]
+        tensor([1.])
+        """
+        return layer_site(kind, layer)
 
     def decompose_resid(self, layer: int | None = None) -> tuple[torch.Tensor, list[str]]:
         """The residual stream entering ``layer`` (default: after the last cached layer) as its parts.

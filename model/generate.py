@@ -188,7 +188,7 @@ class GenerateMixin(RunsMixin):
                sampling: dict[str, Any], stop: str | Sequence[str] | None, stop_at_eos: bool) -> _Run:
         if not is_int(max_new_tokens) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        ids, mask = self.to_tokens(prompt, attention_mask)
+        ids, mask = self.to_tokens_and_mask(prompt, attention_mask)
         if mask is not None and not bool(mask[:, -1].all()):
             raise InputError("generate() needs left padding (every row's last token real): new tokens follow "
                              "the last position; pad on the left, as a list of texts is padded for you")

@@ -27,7 +27,31 @@ from .base import ModelBase
 from .cache import Gemma3Cache
 from .inputs import PreparedInput, UnreachableSiteError, check_layers, check_mask, is_resid, to_ids
 from .memory import CacheTooLargeError, available_memory, format_bytes
-from .sites import HEAVY_KINDS, block_site, kind_of, site_shape
+from .sites import HEAVY_KINDS, block_site, kind_of, site_shape, tl_name
+
+
+def _names_or_filter(names: NameSpec, names_filter: NameSpec) -> NameSpec:
+    """``names``, or TransformerLens's ``names_filter`` in its place: a predicate there is asked about
+    each site's name and its TransformerLens name (the names a TransformerLens filter expects).
+
+    >>> spec = _names_or_filter(None, lambda n: n.endswith("hook_resid_post"))
+    >>> spec("blocks.3.resid_post"), spec("blocks.3.resid_pre")
+    (True, False)
+    """
+    if names_filter is None:
+        return names
+    if names is not None:
+        raise TypeError("pass names= or names_filter= (TransformerLens's spelling of the same thing), not both")
+    if not callable(names_filter):
+        return names_filter  # names, globs and lists match TransformerLens names already (aliases)
+    predicate = names_filter
+
+    def either(name: str) -> bool:
+        tl = tl_name(name)
+        return bool(predicate(name)) or (tl is not None and bool(predicate(tl)))
+
+    either.__name__ = getattr(predicate, "__name__", repr(predicate))
+    return either
 
 
 class RunsMixin(ModelBase):
@@ -82,11 +106,17 @@ class RunsMixin(ModelBase):
                              tuple(reach))
 
     # ------------------------------------------------------------------ caches
-    def run_with_cache(self, prompt: Any, names: NameSpec = None, *, device: str | torch.device | None = None,
-                       dtype: torch.dtype | None = None, positions: Any = None, max_bytes: int | None = None,
-                       hooks: HookSpec = None, **kwargs: Any) -> tuple[torch.Tensor, Gemma3Cache]:
+    def run_with_cache(self, prompt: Any, names: NameSpec = None, *, names_filter: NameSpec = None,
+                       device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                       positions: Any = None, max_bytes: int | None = None, hooks: HookSpec = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, Gemma3Cache]:
         """Logits (or the residual, for ``stop_at_layer``) and a :class:`~interp.model.cache.Gemma3Cache`
         of the sites ``names`` matches (default: every site the run computes).
+
+        ``names_filter`` is TransformerLens's spelling of ``names`` (pass one or the other): a name
+        or glob, a list, or a predicate ``fn(name) -> bool``, which is asked about each site's name
+        and its TransformerLens name (``lambda n: n.endswith("hook_resid_post")`` works as it does
+        there). The cache answers ``cache["resid_post", 3]`` as TransformerLens's does.
 
         ``device``/``dtype`` store the cache elsewhere (e.g. ``"cpu"``, ``torch.bfloat16``);
         ``positions`` keeps only those sequence positions (query positions of scores and
@@ -108,7 +138,7 @@ class RunsMixin(ModelBase):
         >>> cache["blocks.0.attn.pattern"].shape
         torch.Size([1, 1, 1, 3])
         """
-        prepared = self._prepare(prompt, names, kwargs)
+        prepared = self._prepare(prompt, _names_or_filter(names, names_filter), kwargs)
         cache_names = ResolvedNames(prepared.names)
         self._check_cache_fits(prepared, cache_names, device, dtype, positions, max_bytes, kwargs)
         store: dict[str, torch.Tensor] = {}
@@ -198,7 +228,7 @@ class RunsMixin(ModelBase):
                           positions: Any, max_bytes: int | None, kwargs: dict[str, Any]) -> None:
         if prepared.ids is None:
             batch, seq = prepared.prompt.shape[:2]
-        else:  # the mask is checked as to_tokens checks it (before the run, whose errors say more)
+        else:  # the mask is checked as to_tokens_and_mask checks it (before the run, whose errors say more)
             mask = kwargs.get("attention_mask")
             check_mask(prepared.text_mask if mask is None else mask, tuple(prepared.ids.shape), 0, self.device)
             batch, seq = prepared.ids.shape

@@ -161,6 +161,58 @@ def split_site(name: str) -> tuple[int | None, str]:
     return None, name
 
 
+def _tl_short_names() -> dict[str, str]:
+    """TransformerLens's short activation names (``get_act_name``'s ``name``) -> our kind, derived from
+    the table's TransformerLens names (``blocks.{i}.attn.hook_pattern`` -> ``pattern``); a short name
+    two sites would share (``out``) is left out, as TransformerLens has no short name for either."""
+    short: dict[str, list[str]] = {}
+    for s in SITES:
+        if s.per_layer and s.tl is not None:
+            short.setdefault(s.tl.rsplit("hook_", 1)[1], []).append(s.kind)
+    out = {name: kinds[0] for name, kinds in short.items() if len(kinds) == 1}
+    # get_act_name's own aliases, where they name a short name above
+    more = {"attn": "pattern", "key": "k", "query": "q", "value": "v", "mlp_pre": "pre", "mlp_post": "post"}
+    out.update({alias: out[name] for alias, name in more.items() if name in out})
+    return out
+
+
+TL_SHORT: dict[str, str] = _tl_short_names()
+
+
+def layer_site(kind: str, layer: int) -> str:
+    """The site a ``(kind, layer)`` key names, as ``cache["resid_post", 3]`` takes it: ``kind`` is one
+    of our per-layer kinds (``resid_post``, ``attn.pattern``) or TransformerLens's short name of the
+    same tensor (``pattern``, ``z``, ``attn_out``, ``post``; what ``utils.get_act_name`` takes). An
+    unknown kind or a layer that is not a non-negative int is a ``KeyError`` naming the choices.
+
+    >>> layer_site("resid_post", 3), layer_site("pattern", 0), layer_site("attn_out", 2)
+    ('blocks.3.resid_post', 'blocks.0.attn.pattern', 'blocks.2.post_attn_norm')
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise KeyError(f"({kind!r}, {layer!r}): the layer must be an int >= 0 (layers count from 0; "
+                       "cache.layers(kind)[-1] is the last one cached)")
+    if not isinstance(kind, str):
+        raise KeyError(f"({kind!r}, {layer!r}): the kind must be a string such as 'resid_post'")
+    site = BY_KIND.get(kind)
+    if site is not None and site.per_layer:
+        return block_site(layer, kind)
+    if kind in TL_SHORT:
+        return block_site(layer, TL_SHORT[kind])
+    import difflib
+
+    key = f"({kind!r}, {layer})"
+    if kind in BY_KIND:
+        raise KeyError(f"{key}: {kind!r} is not per layer; index it alone: cache[{kind!r}]")
+    choices = list(dict.fromkeys(list(BLOCK_KINDS) + list(TL_SHORT)))
+    near = difflib.get_close_matches(kind, choices, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(map(repr, near))}?" if near else ""
+    left_out = any(n.endswith("hook_" + kind) for n in TL_LEFT_OUT)
+    what = ("is a TransformerLens name this model does not alias (TL_LEFT_OUT says why)" if left_out
+            else "is not a per-layer kind")
+    raise KeyError(f"{key}: {kind!r} {what}.{hint} The kinds are {', '.join(BLOCK_KINDS)}; TransformerLens's "
+                   f"short names {', '.join(TL_SHORT)} work too")
+
+
 def site_names(cfg: Gemma3Config) -> list[str]:
     """Every site name of a model with this configuration, in the order they fire.
 
@@ -301,5 +353,6 @@ def tl_markdown_table() -> str:
 
 
 __all__ = ["SiteKind", "SITES", "BY_KIND", "BLOCK_KINDS", "EXPLICIT_KINDS", "HEAVY_KINDS", "LAYER_FORMAT",
-           "kind_of", "block_site", "split_site", "site_names", "hf_aliases", "tl_aliases", "tl_name", "aliases",
+           "kind_of", "block_site", "split_site", "layer_site", "TL_SHORT",
+           "site_names", "hf_aliases", "tl_aliases", "tl_name", "aliases",
            "aliases_of", "TL_LEFT_OUT", "site_info", "site_shape", "markdown_table", "tl_markdown_table"]

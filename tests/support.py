@@ -56,5 +56,6 @@ class FakeTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.vocab[i] for i in ids)
 
-    def to_str_tokens(self, ids) -> list[str]:
-        return [self.vocab[i] for i in ids]
+    def to_str_tokens(self, ids, bos: bool = True) -> list[str]:
+        ids = self.encode(ids, bos) if isinstance(ids, str) else ids
+        return [self.vocab[int(i)] for i in ids]

@@ -4,6 +4,7 @@ the package installs under one name, so a user's ``model.py`` and ``hooks.py`` c
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -22,6 +23,45 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 def tour_code() -> str:
     """The README's first python block (the short tour)."""
     return re.search(r"```python\n(.*?)```", README, re.S).group(1)
+
+
+def python_blocks() -> list[tuple[int, str]]:
+    """Every python block of the README, ``(line of its first code line, code)``, in order."""
+    return [(README[:m.start()].count("\n") + 2, m.group(1)) for m in re.finditer(r"```python\n(.*?)```", README, re.S)]
+
+
+RUN_BLOCKS = """
+import json, sys, time
+ns = {}
+for i, (line, code) in enumerate(json.load(open(sys.argv[1]))):
+    t = time.time()
+    exec(compile(code, f"README.md, python block {i} (line {line})", "exec"), ns)
+    print(f"README block {i} (line {line}) ran in {time.time() - t:.1f} s", flush=True)
+print("README OK")
+"""
+
+
+def test_readme_python_blocks_are_found():
+    """The snippet test below sees every block: the tour first, then the later sections' blocks."""
+    blocks = python_blocks()
+    assert blocks[0][1] == tour_code() and len(blocks) >= 5
+    assert README.count("```python") == len(blocks)
+
+
+@pytest.mark.subprocess
+def test_every_readme_python_snippet_runs_in_order(tmp_path, demo_path):
+    """The README's python blocks, run as written, one after another in one namespace (a later block
+    uses what an earlier one made, as a reader would), in a fresh folder for the files they write.
+    A failure names the block and its line; fix the README, not this test."""
+    blocks = tmp_path / "blocks.json"
+    blocks.write_text(json.dumps(python_blocks()), encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run([sys.executable, "-c", RUN_BLOCKS, str(blocks)], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "README OK" in proc.stdout
 
 
 def test_readme_site_table_is_the_site_table():

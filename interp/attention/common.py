@@ -36,38 +36,38 @@ def random_token_range(cfg: Any) -> tuple[int, int]:
     return max(cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id) + 1, cfg.vocab_size
 
 
-def repeated_random_tokens(model_or_cfg: Any, seq_len: int = 50, batch: int = 4, seed: int = 0, *,
+def repeated_random_tokens(model_or_cfg: Any, seq_len: int = 50, batch_size: int = 4, seed: int = 0, *,
                            repeats: int = 2, bos: bool = True, low: int | None = None,
                            high: int | None = None) -> torch.Tensor:
-    """``BOS + r * repeats`` per row: ``[batch, bos + repeats * seq_len]`` token ids.
+    """``BOS + r * repeats`` per row: ``[batch_size, bos + repeats * seq_len]`` token ids.
 
     ``r`` is ``seq_len`` distinct ids drawn (seeded) from ``[low, high)`` (default
     :func:`random_token_range`), so every repeat of a token is an exact copy of one earlier
     position. ``repeats=1`` gives plain random tokens.
 
     >>> from interp.model import Gemma3Config
-    >>> t = repeated_random_tokens(Gemma3Config(vocab_size=100), seq_len=3, batch=1)
+    >>> t = repeated_random_tokens(Gemma3Config(vocab_size=100), seq_len=3, batch_size=1)
     >>> t.shape, bool((t[0, 1:4] == t[0, 4:7]).all()), int(t[0, 0])
     (torch.Size([1, 7]), True, 2)
     """
     cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
     lo, hi = random_token_range(cfg)
     lo, hi = (lo if low is None else low), (hi if high is None else high)
-    if seq_len < 1 or batch < 1 or repeats < 1:
-        raise ValueError(f"seq_len, batch and repeats must be positive, got {seq_len}, {batch}, {repeats}")
+    if seq_len < 1 or batch_size < 1 or repeats < 1:
+        raise ValueError(f"seq_len, batch_size and repeats must be positive, got {seq_len}, {batch_size}, {repeats}")
     if seq_len > hi - lo:
         raise ValueError(f"cannot draw {seq_len} distinct tokens from ids [{lo}, {hi}); use a shorter seq_len")
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.stack([torch.randperm(hi - lo, generator=gen)[:seq_len] + lo for _ in range(batch)])
+    rows = torch.stack([torch.randperm(hi - lo, generator=gen)[:seq_len] + lo for _ in range(batch_size)])
     out = rows.repeat(1, repeats)
     if bos:
-        out = torch.cat((torch.full((batch, 1), cfg.bos_token_id, dtype=torch.long), out), dim=1)
+        out = torch.cat((torch.full((batch_size, 1), cfg.bos_token_id, dtype=torch.long), out), dim=1)
     return out
 
 
 def as_tokens(model: Gemma3, prompt: Prompt) -> torch.Tensor:
     """Unpadded token ids ``[batch, seq]`` of a prompt (attention analyses need no padding)."""
-    ids, mask = model.to_tokens(prompt)
+    ids, mask = model.to_tokens_and_mask(prompt)
     if mask is not None:
         raise ValueError("attention analyses need unpadded input: pass one prompt, or token ids "
                          "of equal length [batch, seq]")

@@ -30,7 +30,7 @@ from ..plots import escape_token, heatmap
 from ..tokens import Top, top_entries
 from .common import as_tokens, layer_label, layer_list, patterns_of, repeated_random_tokens
 
-KINDS = ("previous_token", "induction", "duplicate_token", "bos")
+HEAD_SCORE_KINDS = ("previous_token", "induction", "duplicate_token", "bos")
 
 
 def target_mask(tokens: torch.Tensor, kind: str) -> torch.Tensor:
@@ -41,8 +41,8 @@ def target_mask(tokens: torch.Tensor, kind: str) -> torch.Tensor:
     >>> target_mask(torch.tensor([[2, 7, 8, 7, 8]]), "duplicate_token")[0, 4].nonzero().flatten().tolist()
     [2]
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown head-score kind {kind!r}; choose one of {list(KINDS)}")
+    if kind not in HEAD_SCORE_KINDS:
+        raise ValueError(f"unknown head-score kind {kind!r}; choose one of {list(HEAD_SCORE_KINDS)}")
     tokens = torch.as_tensor(tokens)
     if tokens.dim() == 1:
         tokens = tokens[None]
@@ -112,7 +112,7 @@ class HeadScores:
         >>> from interp.model import Gemma3, Gemma3Config
         >>> m = Gemma3.from_config(Gemma3Config(n_layers=6, d_model=16, d_mlp=16, n_heads=2,
         ...     n_kv_heads=1, d_head=8, vocab_size=20))
-        >>> list(head_scores(m, "bos", seq_len=4, batch=1).plot().layout.yaxis.ticktext)[-1]
+        >>> list(head_scores(m, "bos", seq_len=4, batch_size=1).plot().layout.yaxis.ticktext)[-1]
         'L5 global'
         """
         n_layers, n_heads = self.scores.shape
@@ -129,32 +129,32 @@ class HeadScores:
         return fig
 
 
-def _score_tokens(model: Gemma3, prompt: Prompt | None, seq_len: int, batch: int,
+def _score_tokens(model: Gemma3, prompt: Prompt | None, seq_len: int, batch_size: int,
                   seed: int) -> tuple[torch.Tensor, str]:
     if prompt is None:
-        ids = repeated_random_tokens(model.cfg, seq_len, batch, seed).to(model.device)
-        return ids, f"repeated random tokens, n={seq_len}, batch={batch}, seed={seed}"
+        ids = repeated_random_tokens(model.cfg, seq_len, batch_size, seed).to(model.device)
+        return ids, f"repeated random tokens, n={seq_len}, batch_size={batch_size}, seed={seed}"
     return as_tokens(model, prompt), "prompt"
 
 
-def all_head_scores(model: Gemma3, kinds: Sequence[str] = KINDS, prompt: Prompt | None = None, *, seq_len: int = 50,
-                    batch: int = 4, seed: int = 0, layers: int | Sequence[int] | None = None,
+def all_head_scores(model: Gemma3, kinds: Sequence[str] = HEAD_SCORE_KINDS, prompt: Prompt | None = None, *,
+                    seq_len: int = 50, batch_size: int = 4, seed: int = 0, layers: int | Sequence[int] | None = None,
                     hooks: HookSpec = None) -> dict[str, HeadScores]:
     """:func:`head_scores` of several kinds from one run: ``{kind: HeadScores}``.
 
     >>> from interp.model import Gemma3, Gemma3Config
     >>> m = Gemma3.from_config(Gemma3Config(n_layers=2, d_model=16, d_mlp=32, n_heads=2,
     ...     n_kv_heads=1, d_head=8, vocab_size=50))
-    >>> scores = all_head_scores(m, seq_len=6, batch=1)
+    >>> scores = all_head_scores(m, seq_len=6, batch_size=1)
     >>> sorted(scores), scores["bos"].scores.shape
     (['bos', 'duplicate_token', 'induction', 'previous_token'], torch.Size([2, 2]))
     """
     if isinstance(kinds, str):
         raise TypeError(f"kinds= takes a list of kinds; for one use head_scores(model, {kinds!r})")
     for k in kinds:
-        if k not in KINDS:
-            raise ValueError(f"unknown head-score kind {k!r}; choose from {list(KINDS)}")
-    ids, source = _score_tokens(model, prompt, seq_len, batch, seed)
+        if k not in HEAD_SCORE_KINDS:
+            raise ValueError(f"unknown head-score kind {k!r}; choose from {list(HEAD_SCORE_KINDS)}")
+    ids, source = _score_tokens(model, prompt, seq_len, batch_size, seed)
     layer_ids = layer_list(model, layers)
     pats = patterns_of(model, ids, layer_ids, hooks)
     out = {}
@@ -169,24 +169,24 @@ def all_head_scores(model: Gemma3, kinds: Sequence[str] = KINDS, prompt: Prompt 
 
 
 def head_scores(model: Gemma3, kind: str = "induction", prompt: Prompt | None = None, *, seq_len: int = 50,
-                batch: int = 4, seed: int = 0, layers: int | Sequence[int] | None = None,
+                batch_size: int = 4, seed: int = 0, layers: int | Sequence[int] | None = None,
                 hooks: HookSpec = None) -> HeadScores:
-    """Score every head for ``kind`` (one of :data:`KINDS`; :func:`all_head_scores` for several).
+    """Score every head for ``kind`` (one of :data:`HEAD_SCORE_KINDS`; :func:`all_head_scores` for several).
 
-    Without ``prompt`` the scores are measured on ``batch`` rows of repeated random tokens
-    ``BOS + r + r`` (``len(r) = seq_len``, seeded; see :func:`repeated_random_tokens`). With a
+    Without ``prompt`` the scores are measured on one batch of ``batch_size`` rows of repeated
+    random tokens ``BOS + r + r`` (``len(r) = seq_len``, seeded; see :func:`repeated_random_tokens`). With a
     ``prompt`` (text or unpadded token ids) they are measured on it; ``duplicate_token`` and
     ``induction`` then need a prompt that repeats a token.
 
     >>> from interp.model import Gemma3, Gemma3Config
     >>> m = Gemma3.from_config(Gemma3Config(n_layers=2, d_model=16, d_mlp=32, n_heads=2,
     ...     n_kv_heads=1, d_head=8, vocab_size=50))
-    >>> head_scores(m, "induction", seq_len=6, batch=1).scores.shape
+    >>> head_scores(m, "induction", seq_len=6, batch_size=1).scores.shape
     torch.Size([2, 2])
     """
     if not isinstance(kind, str):
         raise TypeError(f"kind= takes one kind; for several use all_head_scores(model, {kind!r})")
-    return all_head_scores(model, [kind], prompt, seq_len=seq_len, batch=batch, seed=seed, layers=layers,
+    return all_head_scores(model, [kind], prompt, seq_len=seq_len, batch_size=batch_size, seed=seed, layers=layers,
                            hooks=hooks)[kind]
 
 
@@ -239,7 +239,7 @@ class AttentionDistance:
         return fig
 
 
-def attention_distance(model: Gemma3, prompt: Prompt | None = None, *, seq_len: int = 128, batch: int = 1,
+def attention_distance(model: Gemma3, prompt: Prompt | None = None, *, seq_len: int = 128, batch_size: int = 1,
                        seed: int = 0, layers: int | Sequence[int] | None = None,
                        hooks: HookSpec = None) -> AttentionDistance:
     """Mean attention distance per head on ``prompt`` (default: ``BOS`` + ``seq_len`` random
@@ -252,7 +252,7 @@ def attention_distance(model: Gemma3, prompt: Prompt | None = None, *, seq_len: 
     True
     """
     if prompt is None:
-        tokens = repeated_random_tokens(model.cfg, seq_len, batch, seed, repeats=1).to(model.device)
+        tokens = repeated_random_tokens(model.cfg, seq_len, batch_size, seed, repeats=1).to(model.device)
     else:
         tokens = as_tokens(model, prompt)
     layers = layer_list(model, layers)
@@ -264,5 +264,5 @@ def attention_distance(model: Gemma3, prompt: Prompt | None = None, *, seq_len: 
     return AttentionDistance(torch.stack(rows).cpu(), layers, model.cfg, s)
 
 
-__all__ = ["KINDS", "target_mask", "score_pattern", "HeadScores", "head_scores", "all_head_scores",
+__all__ = ["HEAD_SCORE_KINDS", "target_mask", "score_pattern", "HeadScores", "head_scores", "all_head_scores",
            "AttentionDistance", "attention_distance"]

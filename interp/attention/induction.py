@@ -81,7 +81,7 @@ def ablate_heads_hooks(model: Gemma3, heads: Sequence[tuple[int, int] | Top]) ->
 
 
 @torch.no_grad()
-def induction_loss(model: Gemma3, seq_len: int = 50, batch: int = 4, seed: int = 0, *, hooks: HookSpec = None,
+def induction_loss(model: Gemma3, seq_len: int = 50, batch_size: int = 4, seed: int = 0, *, hooks: HookSpec = None,
                    ablate: Sequence[tuple[int, int] | Top] = ()) -> InductionLoss:
     """Per-token loss on repeated random tokens, with ``hooks`` active and the heads in
     ``ablate`` (``(layer, head)`` pairs) zero-ablated.
@@ -89,11 +89,11 @@ def induction_loss(model: Gemma3, seq_len: int = 50, batch: int = 4, seed: int =
     >>> from interp.model import Gemma3, Gemma3Config
     >>> m = Gemma3.from_config(Gemma3Config(n_layers=2, d_model=16, d_mlp=32, n_heads=2,
     ...     n_kv_heads=1, d_head=8, vocab_size=50))
-    >>> res = induction_loss(m, seq_len=5, batch=2, ablate=[(1, 0)])
+    >>> res = induction_loss(m, seq_len=5, batch_size=2, ablate=[(1, 0)])
     >>> res.per_token.shape
     torch.Size([2, 10])
     """
-    tokens = repeated_random_tokens(model.cfg, seq_len, batch, seed).to(model.device)
+    tokens = repeated_random_tokens(model.cfg, seq_len, batch_size, seed).to(model.device)
     pairs = hook_pairs(hooks) + ablate_heads_hooks(model, ablate)
     logits = model.run_with_hooks(tokens, pairs)[:, :-1].float()
     check_finite(logits, "induction_loss: the logits", lambda: model.run_with_hooks(tokens, pairs))

@@ -55,7 +55,7 @@ def metric_run(model: Gemma3, pair: PromptPair) -> tuple[dict[str, Any], Callabl
     return kwargs, lambda out: metric.from_selected(out, seq, False)
 
 
-def backward_rows(model: Gemma3, seq: int, k: int) -> int:
+def backward_row_bytes(model: Gemma3, seq: int, k: int) -> int:
     """Estimated peak bytes of one row of a forward-backward (every activation kept for backward)."""
     return 4 * row_bytes(model, seq, seq, k)
 
@@ -68,7 +68,7 @@ def grad_rows(model: Gemma3, pair: PromptPair, inputs: torch.Tensor, names: Sequ
     rows = inputs.shape[0]
     kwargs, values = metric_run(model, pair)
     limit = max_bytes if max_bytes is not None else default_max_bytes(model)
-    cap = max(1, limit // backward_rows(model, pair.seq, len(pair.needed)))
+    cap = max(1, limit // backward_row_bytes(model, pair.seq, len(pair.needed)))
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for start in range(0, rows, cap):
         chunk = inputs[start:start + cap]
@@ -105,7 +105,7 @@ def ig_grads(model: Gemma3, pair: PromptPair, names: Sequence[str], steps: int,
     hi = pair.clean_cache["embed"].float()
     total: dict[str, torch.Tensor] = {}
     limit = max_bytes if max_bytes is not None else default_max_bytes(model)
-    cap = max(1, limit // backward_rows(model, pair.seq, len(pair.needed)))
+    cap = max(1, limit // backward_row_bytes(model, pair.seq, len(pair.needed)))
     for start in range(0, steps, cap):
         alphas = torch.arange(start, min(steps, start + cap), dtype=torch.float32, device=lo.device) / steps
         embeds = (lo + alphas.view(-1, 1, 1) * (hi - lo)).to(model.dtype)
@@ -156,4 +156,4 @@ def graddrop_magnitudes(kind: str, per_drop: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["layer_block", "metric_run", "grad_rows", "ig_grads", "linear_estimates", "graddrop_magnitudes",
-           "backward_rows"]
+           "backward_row_bytes"]

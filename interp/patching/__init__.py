@@ -3,10 +3,10 @@ corrupt run?
 
 Each experiment runs the *corrupt* prompt with one site's activation replaced by the *clean*
 run's (denoising) and scores the output with a metric, normalised so that 0 is the corrupt run
-and 1 the clean run: ``(m - m_corrupt) / (m_clean - m_corrupt)``. Sweeps (``sites=``):
+and 1 the clean run: ``(m - m_corrupt) / (m_clean - m_corrupt)``. Sweeps (``kind=``, ``kinds=``):
 
 ==================  =======================  =============================================
-sweep               values                   one experiment patches
+kind                values                   one experiment patches
 ==================  =======================  =============================================
 ``resid_pre``       ``[layers, positions]``  ``blocks.{L}.resid_pre`` at one position
 ``resid_mid``       ``[layers, positions]``  ``blocks.{L}.resid_mid`` at one position
@@ -51,7 +51,7 @@ loop of one patched forward per experiment to fp32 rounding (``tests/analysis/te
 (0.0, 1.0)
 """
 
-from .experiments import POSITION_SITES, SWEEPS, check_sites, site_of
+from .experiments import POSITION_SITES, SWEEPS, check_kinds, site_of
 from .pair import PromptPair, make_result, prepare_pair
 from .result import Comparison, PatchingResult, compare
 from .sweep import patch_sweep, patch_sweeps
@@ -59,4 +59,4 @@ from .sweep import patch_sweep, patch_sweeps
 # the sweeps, their results, and what other analyses build on (a prepared prompt pair, a sweep's
 # site names, a result from values); the planning and the wavefront stay in their modules
 __all__ = ["patch_sweep", "patch_sweeps", "PatchingResult", "Comparison", "compare", "SWEEPS", "POSITION_SITES",
-           "check_sites", "site_of", "prepare_pair", "make_result", "PromptPair"]
+           "check_kinds", "site_of", "prepare_pair", "make_result", "PromptPair"]

@@ -32,14 +32,14 @@ SWEEPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_sites(sites: str | Sequence[str]) -> list[str]:
-    """The sweep names of ``sites`` (one or a list), checked and de-duplicated."""
-    kinds = [sites] if isinstance(sites, str) else list(sites)
+def check_kinds(kinds: str | Sequence[str]) -> list[str]:
+    """The sweeps ``kinds`` (one or a list), checked and de-duplicated."""
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     for k in kinds:
         if k not in SWEEPS:
-            raise ValueError(f"unknown sweep {k!r}; choose from {', '.join(SWEEPS)}")
+            raise ValueError(f"unknown sweep kind {k!r}; choose from {', '.join(SWEEPS)}")
     if not kinds:
-        raise ValueError("no sites to sweep")
+        raise ValueError("no kinds to sweep: pass e.g. kinds=['resid_pre', 'attn.out']")
     return list(dict.fromkeys(kinds))
 
 
@@ -144,5 +144,5 @@ def merge_starts(groups: dict[int, list[Experiment]], token_rows: int) -> dict[i
     return dict(sorted(out.items()))
 
 
-__all__ = ["POSITION_SITES", "SWEEPS", "Experiment", "plan", "effective", "merge_starts", "site_of", "check_sites",
+__all__ = ["POSITION_SITES", "SWEEPS", "Experiment", "plan", "effective", "merge_starts", "site_of", "check_kinds",
            "row_bytes", "default_max_bytes", "MERGE_TOKEN_ROWS"]

@@ -59,8 +59,8 @@ def prepare_pair(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Calla
     With ``corrupt_grads`` the corrupt run is a forward-backward and ``pair.corrupt_grads``
     holds the metric's gradients at ``corrupt_names``.
     """
-    clean_ids, mask_c = model.to_tokens(clean)
-    corrupt_ids, mask_k = model.to_tokens(corrupt)
+    clean_ids, mask_c = model.to_tokens_and_mask(clean)
+    corrupt_ids, mask_k = model.to_tokens_and_mask(corrupt)
     if mask_c is not None or mask_k is not None or clean_ids.shape[0] != 1 or corrupt_ids.shape[0] != 1:
         raise ValueError("patching takes one clean and one corrupt prompt (a single sequence each, no padding); "
                          "loop over pairs for a dataset")

@@ -20,7 +20,7 @@ from .experiments import (
     POSITION_SITES,
     SWEEPS,
     Experiment,
-    check_sites,
+    check_kinds,
     default_max_bytes,
     effective,
     merge_starts,
@@ -166,13 +166,13 @@ def _sweep(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callable, k
     return {k: make_result(pair, k, raw[k], "activation patching", skipped[k]) for k in kinds}
 
 
-def patch_sweep(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callable, site: str = "resid_pre", *,
+def patch_sweep(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callable, kind: str = "resid_pre", *,
                 batch_size: int | None = None, max_bytes: int | None = None, progress: bool = True) -> PatchingResult:
     """Activation patching (clean into corrupt) of one sweep over every layer and position or head.
 
     ``clean``/``corrupt`` are texts or token ids of the same length; ``metric`` a
     :class:`~interp.metrics.Metric` (``logit_diff``, ``prob``, ``kl``; targets as text or ids)
-    or a callable on full logits. ``site`` is a sweep name (see :mod:`interp.patching`);
+    or a callable on full logits. ``kind`` is the sweep (see :mod:`interp.patching`);
     :func:`patch_sweeps` runs several in the same batches. ``batch_size`` caps the rows of one
     batch; ``max_bytes`` caps its estimated memory (default: half the free memory).
     ``progress`` shows a progress bar.
@@ -181,25 +181,25 @@ def patch_sweep(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callab
     ...                 logit_diff(" Paris", " Rome"))  # doctest: +SKIP
     >>> r.plot()  # doctest: +SKIP
     """
-    if not isinstance(site, str):
-        raise TypeError(f"site= takes one sweep name; for several use patch_sweeps(..., sites={site!r})")
-    kinds = check_sites(site)
+    if not isinstance(kind, str):
+        raise TypeError(f"kind= takes one sweep; for several use patch_sweeps(..., kinds={kind!r})")
+    kinds = check_kinds(kind)
     return _sweep(model, clean, corrupt, metric, kinds, batch_size, max_bytes, progress)[kinds[0]]
 
 
 def patch_sweeps(model: Gemma3, clean: Any, corrupt: Any, metric: Metric | Callable,
-                 sites: Sequence[str] = ("resid_pre", "attn.out", "mlp.out"), *, batch_size: int | None = None,
+                 kinds: Sequence[str] = ("resid_pre", "attn.out", "mlp.out"), *, batch_size: int | None = None,
                  max_bytes: int | None = None, progress: bool = True) -> dict[str, PatchingResult]:
     """:func:`patch_sweep` of several sweeps at once (computed in the same batches):
-    ``{sweep name: PatchingResult}``.
+    ``{kind: PatchingResult}``.
 
     >>> rs = patch_sweeps(model, clean, corrupt, logit_diff(" Paris", " Rome"),
     ...                   ["resid_pre", "attn.z"])  # doctest: +SKIP
     >>> rs["attn.z"].plot()  # doctest: +SKIP
     """
-    if isinstance(sites, str):
-        raise TypeError(f"sites= takes a list of sweep names; for one use patch_sweep(..., site={sites!r})")
-    return _sweep(model, clean, corrupt, metric, check_sites(sites), batch_size, max_bytes, progress)
+    if isinstance(kinds, str):
+        raise TypeError(f"kinds= takes a list of sweeps; for one use patch_sweep(..., kind={kinds!r})")
+    return _sweep(model, clean, corrupt, metric, check_kinds(kinds), batch_size, max_bytes, progress)
 
 
 __all__ = ["patch_sweep", "patch_sweeps", "run_wavefront"]

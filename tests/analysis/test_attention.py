@@ -14,7 +14,7 @@ import torch
 from support import TINY
 
 from interp.attention import (
-    KINDS,
+    HEAD_SCORE_KINDS,
     AttentionDistance,
     HeadScores,
     InductionLoss,
@@ -48,7 +48,7 @@ def model() -> Gemma3:
 
 @pytest.fixture(scope="module")
 def tokens() -> torch.Tensor:
-    return repeated_random_tokens(CFG, seq_len=N, batch=2, seed=1)
+    return repeated_random_tokens(CFG, seq_len=N, batch_size=2, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +59,15 @@ def patterns(model, tokens) -> dict[int, torch.Tensor]:
 
 # ---------------------------------------------------------------------- tokens and masks
 def test_repeated_random_tokens_layout():
-    t = repeated_random_tokens(CFG, seq_len=N, batch=3, seed=4)
+    t = repeated_random_tokens(CFG, seq_len=N, batch_size=3, seed=4)
     assert t.shape == (3, 1 + 2 * N)
     assert (t[:, 0] == CFG.bos_token_id).all()
     assert torch.equal(t[:, 1:N + 1], t[:, N + 1:])
     for row in t[:, 1:N + 1]:
         assert len(set(row.tolist())) == N  # no repeats inside r
     assert int(t[:, 1:].min()) > max(CFG.pad_token_id, CFG.eos_token_id, CFG.bos_token_id)
-    assert torch.equal(t, repeated_random_tokens(CFG, seq_len=N, batch=3, seed=4))  # seeded
-    big = repeated_random_tokens(Gemma3Config.preset("1b"), seq_len=20, batch=1)
+    assert torch.equal(t, repeated_random_tokens(CFG, seq_len=N, batch_size=3, seed=4))  # seeded
+    big = repeated_random_tokens(Gemma3Config.preset("1b"), seq_len=20, batch_size=1)
     assert int(big[0, 1:].min()) >= 1000
     with pytest.raises(ValueError, match="distinct"):
         repeated_random_tokens(CFG, seq_len=200)
@@ -91,8 +91,8 @@ def test_target_masks_on_repeated_tokens(tokens):
 # ---------------------------------------------------------------------- scores by hand
 def test_scores_match_hand_computation(model, patterns):
     """Each kind's score equals the mean of the right diagonal of the cached pattern."""
-    scores = all_head_scores(model, seq_len=N, batch=2, seed=1)
-    assert set(scores) == set(KINDS)
+    scores = all_head_scores(model, seq_len=N, batch_size=2, seed=1)
+    assert set(scores) == set(HEAD_SCORE_KINDS)
     for layer, p in patterns.items():
         s = p.shape[-1]
         prev = torch.diagonal(p, offset=-1, dim1=-2, dim2=-1).mean((0, 2))  # p[q, q-1], q >= 1
@@ -140,7 +140,7 @@ def _forced(kind: str, s: int, n: int) -> torch.Tensor:
     return p
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", HEAD_SCORE_KINDS)
 def test_forced_pattern_scores_one(model, kind):
     """Patch head 1 of a local layer (2) and head 3 of the global layer (5) to an exact
     pattern of ``kind`` with ``model.hooks``: their score is 1, the other heads' below 1."""
@@ -153,7 +153,7 @@ def test_forced_pattern_scores_one(model, kind):
         return x
 
     with model.hooks({"blocks.{2,5}.attn.pattern": force}):
-        res = head_scores(model, kind, seq_len=N, batch=2, seed=3)
+        res = head_scores(model, kind, seq_len=N, batch_size=2, seed=3)
     assert res[2, 1] == pytest.approx(1.0, abs=1e-6)
     assert res[5, 3] == pytest.approx(1.0, abs=1e-6)
     if kind != "bos":  # random heads do not put all their attention on one target (they may on BOS)
@@ -162,12 +162,12 @@ def test_forced_pattern_scores_one(model, kind):
         assert max(others) < 0.99
         assert {t.index for t in res.top(2)} == {(2, 1), (5, 3)}
     # the same through the hooks= argument
-    again = head_scores(model, kind, seq_len=N, batch=2, seed=3, hooks={"blocks.{2,5}.attn.pattern": force})
+    again = head_scores(model, kind, seq_len=N, batch_size=2, seed=3, hooks={"blocks.{2,5}.attn.pattern": force})
     torch.testing.assert_close(again.scores, res.scores)
 
 
 def test_top_and_repr(model):
-    res = head_scores(model, "previous_token", seq_len=N, batch=1)
+    res = head_scores(model, "previous_token", seq_len=N, batch_size=1)
     assert isinstance(res, HeadScores)
     top = res.top(5)
     assert len(top) == 5 and [t.value for t in top] == sorted((t.value for t in top), reverse=True)
@@ -186,7 +186,7 @@ def test_layers_selection_caches_only_those(model, tokens):
         res.pattern(2)
     with pytest.raises(ValueError, match="outside"):
         attention_patterns(model, tokens, layers=[6])
-    sc = head_scores(model, "bos", seq_len=N, batch=1, layers=[4])
+    sc = head_scores(model, "bos", seq_len=N, batch_size=1, layers=[4])
     assert sc.scores.shape == (1, 4) and sc.layers == [4]
 
 
@@ -209,7 +209,7 @@ def test_errors(model):
 
 # ---------------------------------------------------------------------- distance
 def test_distance_matches_pattern_and_window(model, patterns):
-    tokens = repeated_random_tokens(CFG, seq_len=N, batch=2, seed=1)
+    tokens = repeated_random_tokens(CFG, seq_len=N, batch_size=2, seed=1)
     res = attention_distance(model, tokens)
     assert isinstance(res, AttentionDistance) and res.distance.shape == (6, 4) and res.seq_len == 1 + 2 * N
     s = 1 + 2 * N
@@ -269,7 +269,7 @@ def test_pattern_plot_head_selector_and_escaping(html_model):
 
 
 def test_score_and_distance_plots(model):
-    sc = head_scores(model, "induction", seq_len=N, batch=1)
+    sc = head_scores(model, "induction", seq_len=N, batch_size=1)
     fig = sc.plot()
     assert isinstance(fig, go.Figure)
     assert list(fig.layout.yaxis.ticktext) == [f"L{i} {'global' if CFG.is_global(i) else 'local'}" for i in range(6)]
@@ -283,17 +283,18 @@ def test_score_and_distance_plots(model):
 
 # ---------------------------------------------------------------------- induction loss
 def test_induction_loss_by_hand_and_ablation(model):
-    res = induction_loss(model, seq_len=N, batch=2, seed=1)
+    res = induction_loss(model, seq_len=N, batch_size=2, seed=1)
     assert isinstance(res, InductionLoss) and res.per_token.shape == (2, 2 * N)
-    tokens = repeated_random_tokens(CFG, seq_len=N, batch=2, seed=1)
+    tokens = repeated_random_tokens(CFG, seq_len=N, batch_size=2, seed=1)
     logp = model(tokens).float().log_softmax(-1)
     want = -logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     torch.testing.assert_close(res.per_token, want)
     assert res.first == pytest.approx(float(want[:, 1:N].mean()))
     assert res.second == pytest.approx(float(want[:, N + 1:].mean()))
-    ablated = induction_loss(model, seq_len=N, batch=2, seed=1, ablate=[(5, 0), (5, 3)])
+    ablated = induction_loss(model, seq_len=N, batch_size=2, seed=1, ablate=[(5, 0), (5, 3)])
     assert not torch.allclose(ablated.per_token, res.per_token)
-    via_hooks = induction_loss(model, seq_len=N, batch=2, seed=1, hooks=ablate_heads_hooks(model, [(5, 0), (5, 3)]))
+    via_hooks = induction_loss(model, seq_len=N, batch_size=2, seed=1,
+                               hooks=ablate_heads_hooks(model, [(5, 0), (5, 3)]))
     torch.testing.assert_close(via_hooks.per_token, ablated.per_token)
     names = [name for name, _ in ablate_heads_hooks(model, [(5, 3), (1, 0), (5, 0)])]
     assert names == ["blocks.1.attn.z", "blocks.5.attn.z"]
@@ -306,7 +307,7 @@ def test_demo_induction_heads_are_few(demo_model):
     """On repeated random tokens a few heads do induction (Gemma 3 270M: L5H1 ~0.87, L11H2
     ~0.65, L5H2 ~0.55, L13H3 and L17H2 ~0.33; median ~0.005); zero-ablating the top two
     undoes the drop in loss on the second copy."""
-    ind = head_scores(demo_model, "induction", seq_len=40, batch=2, seed=0)
+    ind = head_scores(demo_model, "induction", seq_len=40, batch_size=2, seed=0)
     flat = ind.scores.flatten()
     median = float(flat.median())
     top = ind.top(3)
@@ -314,7 +315,18 @@ def test_demo_induction_heads_are_few(demo_model):
     assert top[0].value > 20 * max(median, 1e-3), ind
     strong = int((flat > 0.25).sum())
     assert 1 <= strong <= flat.numel() // 8, ind  # a few heads, not a broad effect
-    loss = induction_loss(demo_model, seq_len=30, batch=1, seed=0)
+    loss = induction_loss(demo_model, seq_len=30, batch_size=1, seed=0)
     assert loss.second < 0.25 * loss.first, loss
-    ablated = induction_loss(demo_model, seq_len=30, batch=1, seed=0, ablate=top[:2])
+    ablated = induction_loss(demo_model, seq_len=30, batch_size=1, seed=0, ablate=top[:2])
     assert ablated.second > 4 * loss.second, (loss, ablated)
+
+
+def test_batch_size_is_the_number_of_random_rows(model):
+    """``batch_size`` as everywhere else (rows of one forward pass; here the whole input)."""
+    assert repeated_random_tokens(CFG, seq_len=N, batch_size=3).shape[0] == 3
+    assert head_scores(model, "bos", seq_len=N, batch_size=3).source.endswith("batch_size=3, seed=0")
+    assert induction_loss(model, seq_len=N, batch_size=3).per_token.shape[0] == 3
+    with pytest.raises(ValueError, match="batch_size and repeats must be positive"):
+        repeated_random_tokens(CFG, seq_len=N, batch_size=0)
+    with pytest.raises(TypeError, match="batch"):
+        head_scores(model, "bos", seq_len=N, batch=3)  # the old spelling is gone

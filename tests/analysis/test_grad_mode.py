@@ -26,7 +26,7 @@ def analyses(m):
     return {
         "atp": lambda: interp.attribution_patch(m, CLEAN, CORRUPT, metric).values,
         "ig": lambda: interp.attribution_patch(m, CLEAN, CORRUPT, metric, method="ig", steps=2).values,
-        "atp*": lambda: interp.attribution_patch(m, CLEAN, CORRUPT, metric, site="attn.z", method="atp*").values,
+        "atp*": lambda: interp.attribution_patch(m, CLEAN, CORRUPT, metric, kind="attn.z", method="atp*").values,
         "edges": lambda: interp.edge_attribution_patch(m, CLEAN, CORRUPT, metric).values,
         "graph": lambda: interp.attribution_graph(m, CLEAN, tcs, progress=False).adjacency,
         "grads": lambda: m.run_with_grads(torch.tensor([CLEAN]), lambda lg: lg[0, -1, 3], "blocks.1.resid_pre")[2][

@@ -129,7 +129,7 @@ def test_attention_patterns_name_a_site_upstream_of_the_pattern(model, before):
             interp.attention_patterns(model, IDS)
     assert_intact(model, before)
     with pytest.raises(NonFiniteError, match=msg):
-        interp.head_scores(model, "induction", seq_len=6, batch=1, hooks=hooks)
+        interp.head_scores(model, "induction", seq_len=6, batch_size=1, hooks=hooks)
     assert_intact(model, before)
 
 
@@ -147,7 +147,7 @@ def test_nan_in_values_leaves_that_layers_pattern_finite_but_not_the_next(model,
 
 def test_induction_loss_names_the_hooked_site(model, before):
     with pytest.raises(NonFiniteError, match=r"^induction_loss: the logits: NaN or inf found\. " + site_named(SITE)):
-        interp.induction_loss(model, seq_len=6, batch=1, hooks=NAN_HOOK)
+        interp.induction_loss(model, seq_len=6, batch_size=1, hooks=NAN_HOOK)
     assert_intact(model, before)
 
 

@@ -65,8 +65,8 @@ def naive_value(model, clean_ids, corrupt_ids, metric, e: Experiment, clean_cach
 
 def naive_sweep(model, clean, corrupt, metric, kinds, select=None) -> dict[str, dict[tuple, float]]:
     """``{kind: {cell: raw metric}}`` for every (or every ``select``-ed) experiment, one forward each."""
-    clean_ids, _ = model.to_tokens(clean)
-    corrupt_ids, _ = model.to_tokens(corrupt)
+    clean_ids = model.to_tokens(clean)
+    corrupt_ids = model.to_tokens(corrupt)
     names = sorted({f"blocks.*.{site_of(k)}" for k in kinds})
     _, cache = model.run_with_cache(clean_ids, names)
     out: dict[str, dict[tuple, float]] = {k: {} for k in kinds}
@@ -198,6 +198,28 @@ def test_bad_inputs_are_explained():
         patch_sweep(model, CLEAN, CLEAN, logit_diff(3, 4), progress=False)
 
 
+def test_one_sweep_is_kind_several_are_kinds():
+    """``kind=`` / ``kinds=`` (the word head_scores and cache.stack use), not ``site=``, which elsewhere
+    means a full site name; passing one where the other belongs says which function to call."""
+    from interp.attribution import attribution_patch, attribution_patches
+
+    model = make_model(CONFIGS["mqa"])
+    metric = logit_diff(3, 4)
+    one = patch_sweep(model, CLEAN, CORRUPT, metric, kind="resid_post", progress=False)
+    assert torch.equal(one.values, patch_sweeps(model, CLEAN, CORRUPT, metric, kinds=["resid_post"],
+                                                progress=False)["resid_post"].values)
+    with pytest.raises(TypeError, match=r"kind= takes one sweep; for several use patch_sweeps\(\.\.\., kinds="):
+        patch_sweep(model, CLEAN, CORRUPT, metric, kind=["resid_pre", "attn.z"], progress=False)
+    with pytest.raises(TypeError, match=r"kinds= takes a list of sweeps; for one use patch_sweep\(\.\.\., kind="):
+        patch_sweeps(model, CLEAN, CORRUPT, metric, kinds="resid_pre", progress=False)
+    with pytest.raises(TypeError, match=r"for several use attribution_patches\(\.\.\., kinds="):
+        attribution_patch(model, CLEAN, CORRUPT, metric, kind=["resid_pre"])
+    with pytest.raises(TypeError, match=r"for one use attribution_patch\(\.\.\., kind="):
+        attribution_patches(model, CLEAN, CORRUPT, metric, kinds="resid_pre")
+    with pytest.raises(TypeError, match="site"):
+        patch_sweep(model, CLEAN, CORRUPT, metric, site="resid_pre", progress=False)  # the old spelling is gone
+
+
 @pytest.mark.parametrize("tqdm_installed", [True, False])
 def test_progress_bar_writes_to_stderr(capsys, monkeypatch, tqdm_installed):
     if not tqdm_installed:
@@ -216,8 +238,8 @@ FACT_CLEAN, FACT_CORRUPT = "The capital of France is", "The capital of Italy is"
 
 def answer_id(model, prompt: str, answer: str) -> int:
     """The first token of ``answer`` as the model would read it after ``prompt``."""
-    p = model.to_tokens(prompt)[0][0].tolist()
-    full = model.to_tokens(prompt + answer)[0][0].tolist()
+    p = model.to_tokens(prompt)[0].tolist()
+    full = model.to_tokens(prompt + answer)[0].tolist()
     assert full[:len(p)] == p, "the answer must start a new token"
     return full[len(p)]
 
@@ -225,7 +247,7 @@ def answer_id(model, prompt: str, answer: str) -> int:
 def fact_metric(model):
     """logit(' Paris') - logit(' Rome') after the factual prompts (checked to be one token each)."""
     paris, rome = answer_id(model, FACT_CLEAN, " Paris"), answer_id(model, FACT_CORRUPT, " Rome")
-    assert model.to_tokens(FACT_CLEAN)[0].shape == model.to_tokens(FACT_CORRUPT)[0].shape
+    assert model.to_tokens(FACT_CLEAN).shape == model.to_tokens(FACT_CORRUPT).shape
     return logit_diff(paris, rome)
 
 

@@ -38,7 +38,7 @@ def _ids(x):
 def naive_value(model, metric, sender, receivers, clean=CLEAN, corrupt=CORRUPT) -> float:
     """Raw metric of one sender through ``receivers`` (formats as ``path_patch`` takes them)."""
     n = model.cfg.n_layers
-    clean_ids, corrupt_ids = model.to_tokens(clean)[0], model.to_tokens(corrupt)[0]
+    clean_ids, corrupt_ids = model.to_tokens(clean), model.to_tokens(corrupt)
     sites = ["blocks.*.attn.z", "blocks.*.attn.out", "blocks.*.mlp.out"]
     _, cc = model.run_with_cache(clean_ids, sites)
     _, kc = model.run_with_cache(corrupt_ids, sites + [f"blocks.{n - 1}.resid_post"])

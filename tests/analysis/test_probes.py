@@ -98,7 +98,7 @@ def test_batched_fit_equals_each_site_alone():
 def test_tensor_source_equals_dict_source():
     feats, labels, _ = planted(seed=2)
     a = probe(feats, labels)
-    b = probe(torch.stack([feats["noise"], feats["info"]]), labels, sites=["noise", "info"])
+    b = probe(torch.stack([feats["noise"], feats["info"]]), labels, names=["noise", "info"])
     c = probe(torch.stack([feats["noise"], feats["info"]]), labels)
     assert torch.equal(a.weights, b.weights) and torch.equal(a.test_score, b.test_score)
     assert b.sites == ["noise", "info"] and c.sites == ["0", "1"]
@@ -208,8 +208,8 @@ def test_errors_are_clear():
         probe(feats, labels, "blocks.9")
     with pytest.raises(ProbeError, match=r"a tensor source is \[sites, n, d\]"):
         probe(torch.zeros(200, D), labels)
-    with pytest.raises(ProbeError, match="sites= names 3 sites, but the tensor holds 2"):
-        probe(torch.zeros(2, 200, D), labels, sites=["a", "b", "c"])
+    with pytest.raises(ProbeError, match="names= gives 3 names, but the tensor holds 2 sites"):
+        probe(torch.zeros(2, 200, D), labels, names=["a", "b", "c"])
     with pytest.raises(ProbeError, match="one shape"):
         probe({"a": feats["info"], "b": feats["info"][:, :8]}, labels)
     with pytest.raises(ProbeError, match="source must be an ActivationStore"):

@@ -93,7 +93,7 @@ def test_other_hooks_are_still_checked_for_reach(counted):
 
 def test_prepared_text_gives_the_results_of_ids_and_mask():
     m = Gemma3.from_config(CFG, seed=1, tokenizer=FakeTokenizer(CFG.vocab_size))
-    ids, mask = m.to_tokens(TEXTS)
+    ids, mask = m.to_tokens_and_mask(TEXTS)
     logits, cache = m.run_with_cache(TEXTS, "blocks.*.resid_post")
     ref_logits, ref = m.run_with_cache(ids, "blocks.*.resid_post", attention_mask=mask)
     assert torch.equal(logits, ref_logits) and torch.equal(logits, m(TEXTS))

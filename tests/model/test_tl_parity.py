@@ -48,7 +48,7 @@ def test_the_golden_file_is_small_and_covers_every_alias_kind():
 def test_every_alias_equals_transformer_lens_golden_file(demo_model):
     golden, _ = read_golden()
     ids = golden.pop("input_ids")
-    assert torch.equal(ids, demo_model.to_tokens(PROMPT)[0])
+    assert torch.equal(ids, demo_model.to_tokens(PROMPT))
     _, cache = demo_model.run_with_cache(ids, names=list(golden))
     assert len(cache) == len(golden)  # each alias names a different site
     assert compare(cache, golden, REL) == {}
@@ -59,7 +59,7 @@ def test_every_alias_equals_transformer_lens_golden_file(demo_model):
 def live(demo_model):
     pytest.importorskip("transformer_lens", reason="transformer-lens is not installed (the bench extra); "
                         "test_every_alias_equals_transformer_lens_golden_file checks the aliases without it")
-    ids = demo_model.to_tokens(PROMPT)[0]
+    ids = demo_model.to_tokens(PROMPT)
     _, ours = demo_model.run_with_cache(ids)
     return ids, ours
 

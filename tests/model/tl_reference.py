@@ -71,7 +71,7 @@ def write_golden(path: Path = GOLDEN) -> Path:
     from interp.model import Gemma3
 
     model = Gemma3.from_pretrained("demo")
-    ids, _ = model.to_tokens(PROMPT)
+    ids = model.to_tokens(PROMPT)
     tensors = tl_cache(build_bridge(model), ids, aliased_names(model.cfg.n_layers, LAYERS))
     tensors["input_ids"] = ids.to(torch.int64)
     meta = {"transformer_lens": version("transformer-lens"),
