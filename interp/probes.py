@@ -42,7 +42,7 @@ from .plots import escape_token, line
 from .probe_fit import fit_logistic, fit_ridge, r2_score, split_rows
 from .tokens import Top, top_entries
 
-KINDS = ("logistic", "linear")
+PROBE_KINDS = ("logistic", "linear")
 
 
 class ProbeError(ValueError):
@@ -258,8 +258,8 @@ def probe(source: Any, labels: Any, names: str | Sequence[str] | None = None, ki
     >>> result.plot(); result.best()                             # doctest: +SKIP
     >>> steer = interp.add(result.direction(result.best().label) * 8.0)   # doctest: +SKIP
     """
-    if kind not in KINDS:
-        raise ProbeError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in PROBE_KINDS:
+        raise ProbeError(f"kind must be one of {PROBE_KINDS}, got {kind!r}")
     if not 0.0 < float(test_fraction) < 1.0:
         raise ProbeError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
     if not float(weight_decay) >= 0:

@@ -33,12 +33,12 @@ from .view import plot_graph
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-KINDS = ("embedding", "feature", "error", "logit")
+NODE_KINDS = ("embedding", "feature", "error", "logit")
 
 
 @dataclass(frozen=True)
 class Node:
-    """One node: ``kind`` (see :data:`KINDS`), ``layer`` (-1 for embeddings, ``n_layers`` for
+    """One node: ``kind`` (see :data:`NODE_KINDS`), ``layer`` (-1 for embeddings, ``n_layers`` for
     logits), ``pos``, ``index`` (the feature index, the token id of an embedding or a logit, -1 for
     an error), ``label`` (a readable name), ``activation`` (a feature's activation; a logit's
     probability)."""
@@ -99,9 +99,9 @@ class Graph:
 
     def mask(self, *kinds: str) -> torch.Tensor:
         """Bool ``[nodes]``: the nodes of these kinds."""
-        bad = set(kinds) - set(KINDS)
+        bad = set(kinds) - set(NODE_KINDS)
         if bad:
-            raise ValueError(f"unknown node kind(s) {sorted(bad)}; kinds are {KINDS}")
+            raise ValueError(f"unknown node kind(s) {sorted(bad)}; kinds are {NODE_KINDS}")
         return torch.tensor([n.kind in kinds for n in self.nodes], dtype=torch.bool)
 
     @property
@@ -219,7 +219,7 @@ class Graph:
                    str(meta.get("model_id", "")), ranks, int(meta.get("active_features", 0)))
 
     def __repr__(self) -> str:
-        counts = {k: int(self.mask(k).sum()) for k in KINDS}
+        counts = {k: int(self.mask(k).sum()) for k in NODE_KINDS}
         edges = int((self.adjacency != 0).sum())
         state = "" if self.pruned is None else f", pruned at {self.pruned.node_threshold}/{self.pruned.edge_threshold}"
         left = self.active_features - counts["feature"] if self.pruned is None else 0
@@ -228,4 +228,4 @@ class Graph:
                 f"{counts['logit']} logits; {edges} edges{state})")
 
 
-__all__ = ["Graph", "Node", "PruneInfo", "KINDS"]
+__all__ = ["Graph", "Node", "PruneInfo", "NODE_KINDS"]
