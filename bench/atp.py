@@ -25,16 +25,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a file: python bench/atp.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

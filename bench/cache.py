@@ -62,10 +62,6 @@ import inspect
 import sys
 import textwrap
 from contextlib import contextmanager
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: python bench/cache.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

@@ -28,9 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 D_MODEL_270M, LAYERS_270M, WIDTH_270M = 640, 18, 262080

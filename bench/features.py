@@ -62,9 +62,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: python bench/features.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from bench.common import (

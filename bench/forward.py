@@ -36,9 +36,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: python bench/forward.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from bench.common import (

@@ -46,11 +46,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a file: python bench/generate.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

@@ -68,9 +68,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: python bench/harvest.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from bench.common import (

@@ -52,10 +52,6 @@ import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: python bench/lens.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

@@ -30,12 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: python bench/patching.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

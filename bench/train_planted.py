@@ -1,6 +1,6 @@
 """Planted-feature recovery of ``interp.features.train`` with its DEFAULT recipe (the issue's case).
 
-``python bench/train_planted.py [--n 200000] [--d 64] [--m 512] [--active 4] [--d-sae 1024]
+``python -m bench.train_planted [--n 200000] [--d 64] [--m 512] [--active 4] [--d-sae 1024]
 [--steps 4000] [--batch 1024] [--scale 1] [--kinds jumprelu topk] [--device cpu] [--set KEY=VALUE ...]`` builds ``n``
 vectors in ``d`` dimensions, each a non-negative mix (magnitudes in [0.5, 1.5)) of ``active`` of
 ``m`` random unit directions plus Gaussian noise of std 0.01, multiplied by ``scale``; trains each
@@ -12,14 +12,11 @@ firing on those vectors), the training log's warnings, and the wall time.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from interp.features.training import train  # noqa: E402
+from interp.features.training import train
 
 
 def planted(n: int, d: int, m: int, active: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
