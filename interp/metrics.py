@@ -22,12 +22,12 @@ tensor([2., 2.])
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
 from .hooks import resolve_positions
 from .hooks.positions import Positions
+from .model import Gemma3
 from .tokens import Target, str_tokens, token_id
 
 Factory = Callable[[tuple[int, ...]], Callable[[torch.Tensor], torch.Tensor]]
@@ -89,7 +89,7 @@ class Metric:
         """True when the metric can be called (its text targets, if any, are token ids)."""
         return self.fn is not None
 
-    def bind(self, model: Any) -> Metric:
+    def bind(self, model: Gemma3) -> Metric:
         """This metric with text targets turned into ``model``'s token ids and its name written
         with the tokens (a metric of ids is renamed the same way).
 
@@ -179,7 +179,7 @@ def _rows(value: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     return value
 
 
-def as_metric(metric: Metric | Callable[[torch.Tensor], torch.Tensor], model: Any = None) -> Metric:
+def as_metric(metric: Metric | Callable[[torch.Tensor], torch.Tensor], model: Gemma3 | None = None) -> Metric:
     """A :class:`Metric` (bound to ``model`` when given); a plain ``fn(full logits [batch, seq,
     vocab]) -> [batch]`` is wrapped to read every position (correct, but logits are then
     computed everywhere)."""

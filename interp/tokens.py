@@ -16,6 +16,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .model import Gemma3
+from .model.inputs import Prompt
+
 Target = str | int
 """A token given as text (``" Paris"``: its first token without BOS) or as an id."""
 
@@ -36,7 +39,7 @@ class Top(NamedTuple):
     label: str
 
 
-def token_id(model: Any, target: Target) -> int:
+def token_id(model: Gemma3, target: Target) -> int:
     """One token id for ``target``: an int is checked against the vocabulary; a string is
     encoded without BOS, and must be one token. A string of several tokens (``" 東京"`` ->
     ``' 東'``, ``'京'``) uses its first token and warns with :class:`MultiTokenWarning`, naming
@@ -68,7 +71,7 @@ def token_id(model: Any, target: Target) -> int:
     return int(ids[0])
 
 
-def token_ids(model: Any, targets: Sequence[Target] | Target | None) -> list[int]:
+def token_ids(model: Gemma3, targets: Sequence[Target] | Target | None) -> list[int]:
     """:func:`token_id` of each target (one target may be given bare)."""
     if targets is None:
         return []
@@ -77,7 +80,7 @@ def token_ids(model: Any, targets: Sequence[Target] | Target | None) -> list[int
     return [token_id(model, t) for t in targets]
 
 
-def str_tokens(model: Any, ids: Any) -> list[str]:
+def str_tokens(model: Gemma3, ids: Any) -> list[str]:
     """The text of each token id (not yet escaped): the model's tokenizer ``to_str_tokens``,
     else ``decode`` per id, else the ids as strings (a model without a tokenizer).
 
@@ -95,7 +98,7 @@ def str_tokens(model: Any, ids: Any) -> list[str]:
     return [str(i) for i in ids]
 
 
-def single_prompt(model: Any, prompt: Any) -> torch.Tensor:
+def single_prompt(model: Gemma3, prompt: Prompt) -> torch.Tensor:
     """Token ids ``[1, seq]`` of one unpadded prompt (text or ids); a batch is an error."""
     ids, mask = model.to_tokens_and_mask(prompt)
     if ids.shape[0] != 1 or mask is not None:

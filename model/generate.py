@@ -20,7 +20,7 @@ import torch
 from ..hooks import HookSpec, NameSpec, Site, hook_pairs
 from ..hooks.checks import is_int
 from .cache import Gemma3Cache
-from .inputs import InputError, is_text
+from .inputs import InputError, Prompt, is_text
 from .kvcache import KVCache
 from .runs import RunsMixin
 from .sampling import Sampler
@@ -184,7 +184,7 @@ class _Run:
 class GenerateMixin(RunsMixin):
     """``generate``, ``stream`` and ``chat``."""
 
-    def _start(self, prompt: Any, max_new_tokens: int, attention_mask: torch.Tensor | None,
+    def _start(self, prompt: Prompt, max_new_tokens: int, attention_mask: torch.Tensor | None,
                sampling: dict[str, Any], stop: str | Sequence[str] | None, stop_at_eos: bool) -> _Run:
         if not is_int(max_new_tokens) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -210,7 +210,7 @@ class GenerateMixin(RunsMixin):
         others = sorted(set(tokenizer_ids) - {self.cfg.eos_token_id}) if tokenizer_ids else [END_OF_TURN_ID]
         return [self.cfg.eos_token_id, *others]
 
-    def _finish(self, run: _Run, prompt: Any) -> Generation:
+    def _finish(self, run: _Run, prompt: Prompt) -> Generation:
         out = torch.stack(run.new, dim=1).cpu()
         if self.tokenizer is None and is_text(prompt):
             raise InputError("this model has no tokenizer to decode the generated tokens")
@@ -221,7 +221,7 @@ class GenerateMixin(RunsMixin):
         return Generation(out, texts, run.ids.cpu(), mask, list(run.reasons))
 
     @torch.no_grad()
-    def generate(self, prompt: Any, max_new_tokens: int = 20, *, temperature: float = 0.0, top_k: int | None = None,
+    def generate(self, prompt: Prompt, max_new_tokens: int = 20, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
                  seed: int | Sequence[int] | None = None, stop: str | Sequence[str] | None = None,
                  stop_at_eos: bool = True, hooks: HookSpec = None, attention_mask: torch.Tensor | None = None,
@@ -272,7 +272,7 @@ class GenerateMixin(RunsMixin):
             result.cache = recorder.assemble(result.sequences.shape[1])
         return result
 
-    def stream(self, prompt: Any, max_new_tokens: int = 20, **kwargs: Any) -> Iterator[str]:
+    def stream(self, prompt: Prompt, max_new_tokens: int = 20, **kwargs: Any) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece, as it is generated
         (the options of :meth:`generate`).
 

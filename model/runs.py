@@ -25,7 +25,7 @@ from ..hooks import (
 from ..hooks.registry import ResolvedNames
 from .base import ModelBase
 from .cache import Gemma3Cache
-from .inputs import PreparedInput, UnreachableSiteError, check_layers, check_mask, is_resid, to_ids
+from .inputs import PreparedInput, Prompt, UnreachableSiteError, check_layers, check_mask, is_resid, to_ids
 from .memory import CacheTooLargeError, available_memory, format_bytes
 from .sites import HEAVY_KINDS, block_site, kind_of, site_shape, tl_name
 
@@ -57,7 +57,7 @@ def _names_or_filter(names: NameSpec, names_filter: NameSpec) -> NameSpec:
 class RunsMixin(ModelBase):
     """``run_with_hooks``, ``run_with_cache``, ``run_with_grads`` and cache estimates."""
 
-    def run_with_hooks(self, prompt: Any, hooks: HookSpec, **kwargs: Any) -> torch.Tensor:
+    def run_with_hooks(self, prompt: Prompt | PreparedInput, hooks: HookSpec, **kwargs: Any) -> torch.Tensor:
         """``forward`` with ``hooks`` active for this call only (see :meth:`Gemma3.hooks`)."""
         with self.registry.scope(hooks):
             out: torch.Tensor = self(prompt, **kwargs)
@@ -69,7 +69,7 @@ class RunsMixin(ModelBase):
         return self.registry.scope([(spec, backward_hook(fn)) for spec, fn in hook_pairs(hooks)])
 
     # ------------------------------------------------------------------ which sites a run fires
-    def _run_names(self, names: NameSpec, prompt: Any, kwargs: dict[str, Any], stacklevel: int = 3) -> list[str]:
+    def _run_names(self, names: NameSpec, prompt: Prompt, kwargs: dict[str, Any], stacklevel: int = 3) -> list[str]:
         """The sites of ``names`` that a run with ``kwargs`` computes. ``None`` means every site
         it computes; an exact name it does not compute is an error, a glob warns about those
         (``stacklevel``: the caller to blame, as for :func:`warnings.warn`)."""
@@ -93,7 +93,7 @@ class RunsMixin(ModelBase):
                           f"e.g. {missed[0]!r}; the cache holds the other {len(reach)}", stacklevel=stacklevel)
         return reach
 
-    def _prepare(self, prompt: Any, names: NameSpec, kwargs: dict[str, Any]) -> PreparedInput:
+    def _prepare(self, prompt: Prompt, names: NameSpec, kwargs: dict[str, Any]) -> PreparedInput:
         """The call's input checked once (see :class:`~interp.model.inputs.PreparedInput`): the
         sites of ``names`` the run computes (resolved and reach-checked once), then the tokens.
         Warnings blame the caller of ``run_with_cache`` / ``run_with_grads``."""
@@ -106,7 +106,7 @@ class RunsMixin(ModelBase):
                              tuple(reach))
 
     # ------------------------------------------------------------------ caches
-    def run_with_cache(self, prompt: Any, names: NameSpec = None, *, names_filter: NameSpec = None,
+    def run_with_cache(self, prompt: Prompt, names: NameSpec = None, *, names_filter: NameSpec = None,
                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                        positions: Any = None, max_bytes: int | None = None, hooks: HookSpec = None,
                        **kwargs: Any) -> tuple[torch.Tensor, Gemma3Cache]:
@@ -149,7 +149,7 @@ class RunsMixin(ModelBase):
         out = self.run_with_hooks(prepared, pairs, **kwargs)
         return out, Gemma3Cache({n: store[n] for n in cache_names if n in store})
 
-    def run_with_grads(self, prompt: Any, metric: Callable[[torch.Tensor], torch.Tensor],
+    def run_with_grads(self, prompt: Prompt, metric: Callable[[torch.Tensor], torch.Tensor],
                        names: NameSpec = None, *, hooks: HookSpec = None,
                        **kwargs: Any) -> tuple[torch.Tensor, Gemma3Cache, Gemma3Cache]:
         """Logits, activations and gradients of ``metric(logits)`` (a scalar) at each named site.

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ from ..model.sites import split_site
 
 SITE_IN = "blocks.{layer}.pre_mlp_norm"
 SITE_OUT = "blocks.{layer}.post_mlp_norm"
+
+if TYPE_CHECKING:
+    from ..model import Gemma3
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -307,7 +310,7 @@ class CrossLayerTranscoder(nn.Module):
 
     @classmethod
     def load(cls, folder: Any, *, lazy: bool = True, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu", model: Any = None) -> CrossLayerTranscoder:
+             device: str | torch.device = "cpu", model: Gemma3 | None = None) -> CrossLayerTranscoder:
         """Load a Gemma Scope 2 ``clt/`` folder: ``lazy`` keeps the weights in the memory-mapped files
         (each use reads its slices in ``dtype``); ``lazy=False`` reads them all now, straight into
         ``dtype``. With ``model``, the sites are resolved and the widths checked."""
@@ -327,7 +330,7 @@ class CrossLayerTranscoder(nn.Module):
             out.check_fits(model)
         return out
 
-    def check_fits(self, model: Any) -> None:
+    def check_fits(self, model: Gemma3) -> None:
         """Resolve every layer's sites through ``model``'s registry and check the layer count and width."""
         from .files import DictionaryFileError
 

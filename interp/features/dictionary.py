@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..model import Gemma3
 from ..model.sites import block_site
 from .settings import Normalizer, Settings
 
@@ -312,7 +313,7 @@ class Transcoder(Dictionary):
         return {"k": self.k} if self.k is not None else {}
 
     @classmethod
-    def random(cls, model: Any, layer: int, d_sae: int, seed: int = 0, skip: bool = False,
+    def random(cls, model: Gemma3, layer: int, d_sae: int, seed: int = 0, skip: bool = False,
                threshold: float = 0.05, k: int | None = None) -> Transcoder:
         """An untrained transcoder for layer ``layer``'s MLP (reads ``blocks.L.pre_mlp_norm``,
         writes ``blocks.L.post_mlp_norm``), for tests and shapes.

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from ..hooks import ActivationCache, Site, positions_mask
+from ..model import Gemma3
+from ..model.inputs import Prompt
 from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary, JumpReLUSAE
 from .io import check_fits
@@ -214,7 +216,7 @@ def clt_hooks(clt: CrossLayerTranscoder, *, features: dict[str, torch.Tensor] | 
     return hooks
 
 
-def run_with_dictionaries(model: Any, prompt: Any, dictionaries: Sequence[Dictionary | CrossLayerTranscoder], *,
+def run_with_dictionaries(model: Gemma3, prompt: Prompt, dictionaries: Sequence[Dictionary | CrossLayerTranscoder], *,
                           splice: bool = False, keep_error: bool = False,
                           ablate: Mapping[int, Sequence[Any]] | None = None,
                           clamp: Mapping[int, Mapping[Any, float]] | None = None,
@@ -236,7 +238,7 @@ def run_with_dictionaries(model: Any, prompt: Any, dictionaries: Sequence[Dictio
     return logits, ActivationCache(feats, layer_format=model.registry.names.layer_format)
 
 
-def run_with_saes(model: Any, prompt: Any, saes: Sequence[Dictionary], **kwargs: Any) -> tuple[torch.Tensor,
+def run_with_saes(model: Gemma3, prompt: Prompt, saes: Sequence[Dictionary], **kwargs: Any) -> tuple[torch.Tensor,
                                                                                              ActivationCache]:
     """:func:`run_with_dictionaries` (the name SAELens users know)."""
     return run_with_dictionaries(model, prompt, saes, **kwargs)

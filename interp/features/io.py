@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..model import Gemma3
 from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
 from .files import DictionaryFileError
@@ -30,7 +31,7 @@ from .saelens import SAELENS_CFG, SAELENS_WEIGHTS, load_saelens, save_dictionary
 
 
 def load_dictionary(path: str | os.PathLike, *, site: str | None = None, site_out: str | None = None,
-                    model: Any = None, device: str | torch.device = "cpu",
+                    model: Gemma3 | None = None, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> Dictionary | CrossLayerTranscoder:
     """Load a dictionary from a folder or file in any supported layout (see the module docstring).
 
@@ -57,7 +58,7 @@ def load_dictionary(path: str | os.PathLike, *, site: str | None = None, site_ou
     return out
 
 
-def check_fits(d: Dictionary | CrossLayerTranscoder, model: Any) -> None:
+def check_fits(d: Dictionary | CrossLayerTranscoder, model: Gemma3) -> None:
     """Resolve ``d``'s sites through ``model``'s registry and check the widths (an attention SAE
     reading ``attn.z`` sees the heads flattened, as Hugging Face's o_proj input). A
     cross-layer transcoder checks itself (:meth:`CrossLayerTranscoder.check_fits`)."""

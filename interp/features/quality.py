@@ -39,6 +39,7 @@ import torch
 
 from ..hooks import zero_ablate
 from ..hooks.checks import is_int
+from ..model import Gemma3
 from ..progress import progress_bar
 from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
@@ -69,7 +70,7 @@ def _store_sites(d: Dictionary, store: Any, site: str | Sequence[str] | None) ->
 
 
 @torch.no_grad()
-def evaluate(model: Any, dictionary: Dictionary | CrossLayerTranscoder, store: Any, *,
+def evaluate(model: Gemma3, dictionary: Dictionary | CrossLayerTranscoder, store: Any, *,
              site: str | Sequence[str] | None = None,
              texts: Sequence[str] | None = None, max_tokens: int | None = None, ce_tokens: int | None = 1 << 16,
              batch_size: int = 4096, lm_batch_size: int = 8, dense_threshold: float = 0.1, ce: bool = True,
@@ -100,7 +101,7 @@ def evaluate(model: Any, dictionary: Dictionary | CrossLayerTranscoder, store: A
                          dense_threshold=dense_threshold, ce=ce, progress=progress, name=name)
 
 
-def _evaluate_one(model: Any, dictionary: Dictionary, store: Any, *, site: str | Sequence[str] | None,
+def _evaluate_one(model: Gemma3, dictionary: Dictionary, store: Any, *, site: str | Sequence[str] | None,
                   texts: Sequence[str] | None, max_tokens: int | None, ce_tokens: int | None, batch_size: int,
                   lm_batch_size: int, dense_threshold: float, ce: bool, progress: bool, name: str,
                   clean: float | None = None) -> FeatureEval:
@@ -197,7 +198,7 @@ class DictionaryComparison:
         return self.evals[name]
 
 
-def compare_dictionaries(model: Any, dictionaries: Mapping[str, Dictionary] | Sequence[Dictionary], store: Any,
+def compare_dictionaries(model: Gemma3, dictionaries: Mapping[str, Dictionary] | Sequence[Dictionary], store: Any,
                          **kwargs: Any) -> DictionaryComparison:
     """:func:`evaluate` each dictionary on the same tokens and texts (the clean loss computed once
     when the loss is evaluated on the same texts); keywords as :func:`evaluate`."""

@@ -12,6 +12,7 @@ import torch
 from ..data.corpus import PAD_DOC
 from ..display import figure
 from ..evaluation import lm_loss
+from ..model import Gemma3
 
 
 def recovered(ce_zero: float | None, ce_clean: float | None, ce_spliced: float | None) -> float | None:
@@ -163,7 +164,7 @@ def ce_rows(store: Any, ce_tokens: int | None) -> list[torch.Tensor]:
 
 
 
-def lm_effect(model: Any, texts: Any, store: Any, ce_tokens: int | None, lm_batch_size: int, progress: bool,
+def lm_effect(model: Gemma3, texts: Any, store: Any, ce_tokens: int | None, lm_batch_size: int, progress: bool,
               splice: Any, zero: Any, clean: float | None = None) -> tuple[float, float, float, int]:
     """``(CE clean, CE spliced, CE zero-ablated, tokens)`` on ``texts`` (else the store's rows up to
     ``ce_tokens``): the model's loss as it is (or ``clean`` when the caller has it), with the hooks

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..hooks import zero_ablate
+from ..model import Gemma3
 from ..progress import progress_bar
 from .clt import CrossLayerTranscoder
 from .interventions import clt_hooks
@@ -66,7 +67,7 @@ class CLTEval:
 
 
 @torch.no_grad()
-def evaluate_clt(model: Any, clt: CrossLayerTranscoder, store: Any, *, texts: Sequence[str] | None = None,
+def evaluate_clt(model: Gemma3, clt: CrossLayerTranscoder, store: Any, *, texts: Sequence[str] | None = None,
                  max_tokens: int | None = None, ce_tokens: int | None = 1 << 16, batch_size: int = 4096,
                  lm_batch_size: int = 8, dense_threshold: float = 0.1, ce: bool = True, progress: bool = True,
                  name: str = "") -> CLTEval:
