@@ -141,10 +141,9 @@ class GraphDictionaries:
     # ------------------------------------------------------------------ encoders
     def encode(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pre-activations, activations)`` float32 ``[..., w]`` of layer ``layer`` for its input ``x``."""
-        if self.clt is not None:
-            w, b, thr = self.clt.encoder(layer)
-            pre = x.to(w.dtype) @ w + b
-            return pre.float(), (torch.relu(pre) * (pre > thr)).float()
+        if self.clt is not None:  # the CLT's own rule (JumpReLU, or TopK per layer)
+            w, b, _ = self.clt.encoder(layer)
+            return (x.to(w.dtype) @ w + b).float(), self.clt.encode(layer, x).float()
         tc = self.per_layer[layer]
         pre = tc.pre_acts(x)
         return pre.float(), tc.activation(pre).float()
