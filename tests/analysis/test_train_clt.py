@@ -310,7 +310,7 @@ def test_a_run_that_would_not_fit_is_refused_naming_what_fits(planted, monkeypat
     with pytest.raises(TrainingError, match=r"training 100,000 features needs about .*: d_sae=\d+ fits"):
         train(xs[0], "topk", d_sae=100_000, steps=2, batch_size=64, k=2)  # every kind is checked
     with pytest.raises(TrainingError, match=r"not even d_sae=1 fits at this batch_size: lower batch_size"):
-        train(xs[0], "topk", d_sae=8, steps=2, batch_size=1 << 20, k=2)
+        train(torch.randn(4096, 64), "topk", d_sae=8, steps=2, batch_size=4096, k=2)  # 8 MiB of batch alone
 
 
 # ---------------------------------------------------------------------- a store of the tiny model
