@@ -103,6 +103,18 @@ def test_planted_cross_layer_features_are_recovered(planted, options):
         assert float(torch.stack([clt.threshold[i] for i in range(3)]).min()) > 0
 
 
+def test_the_l0_target_steers_the_penalty_per_layer(planted):
+    """l0= counts features per layer and token: with 2 planted per layer, a target of 1 makes the
+    controller raise lambda until about one fires per layer."""
+    xs, ys, _ = planted
+    clt = train((xs, ys), "clt", seed=0, l0=1.0, **PLANTED)
+    log = clt.training_log
+    assert 1 / 1.5 <= log.l0[-1] <= 1.5 and not log.warnings
+    assert log.sparsity_coefficient[-1] > 2.0  # raised from 1.0 by the controller
+    per_layer = [float((clt.encode(i, x) > 0).sum(-1).float().mean()) for i, x in enumerate(xs)]
+    assert sum(per_layer) / 3 == pytest.approx(log.l0[-1], abs=0.3)
+
+
 def test_the_penalty_weights_activations_by_the_concatenated_decoder_norm(planted):
     """The loss's penalty term is sum tanh(c * ||W_dec_f|| * f) with the norm over every output the
     feature writes, concatenated (checked against a hand computation on one batch)."""
@@ -168,6 +180,9 @@ def test_topk_keeps_k_per_layer_and_round_trips_through_files(planted, tmp_path)
     folder = clt.save(tmp_path / "clt")
     config = json.loads((folder / "config.json").read_text())
     assert (config["architecture"], config["k"], config["type"], config["width"]) == ("topk", 3, "clt", 48)
+    from interp.features import load_dictionary
+
+    assert load_dictionary(folder).k == 3
     for lazy in (True, False):
         back = CrossLayerTranscoder.load(folder, lazy=lazy)
         assert back.k == 3
