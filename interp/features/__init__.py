@@ -14,6 +14,7 @@ from ..tokens import Top
 from .architectures import ARCHITECTURES, AbsTopKSAE, GatedSAE, StandardSAE
 from .clt import CrossLayerTranscoder
 from .dashboard import TopActivations, feature_dashboard, feature_index, logit_effects, top_activations
+from .demo import demo_clt, demo_clt_store
 from .dictionary import Dictionary, JumpReLUSAE, TopKSAE, Transcoder
 from .interventions import clt_hooks, dictionary_hooks, run_with_dictionaries, run_with_saes
 from .io import DictionaryFileError, check_fits, download, from_hub, load_dictionary, save_dictionary
@@ -37,4 +38,4 @@ __all__ = ["Dictionary", "JumpReLUSAE", "TopKSAE", "Transcoder", "StandardSAE", 
            "run_with_dictionaries", "run_with_saes", "load_dictionary", "save_dictionary", "check_fits", "download",
            "from_hub", "DictionaryFileError", "top_features", "evaluate", "FeatureEval", "compare_dictionaries",
            "DictionaryComparison", "feature_dashboard", "feature_index", "top_activations", "TopActivations",
-           "logit_effects", "train", "TrainingLog", "TrainingError"]
+           "logit_effects", "train", "TrainingLog", "TrainingError", "demo_clt", "demo_clt_store"]

@@ -5,7 +5,8 @@ Tracing" CLT).
 For ``n_layers`` layers, with ``w_i`` features at layer ``i``:
 
 - ``f_i = relu(x_i @ W_enc_i + b_enc_i) * (x_i @ W_enc_i + b_enc_i > threshold_i)``, where ``x_i``
-  is layer ``i``'s MLP input (``blocks.i.pre_mlp_norm``);
+  is layer ``i``'s MLP input (``blocks.i.pre_mlp_norm``) (a TopK CLT, ``k`` set, instead keeps the
+  ``k`` largest pre-activations of each layer, after a ReLU; its thresholds are unused);
 - layer ``o``'s MLP output (``blocks.o.post_mlp_norm``) is
   ``sum_{i <= o} f_i @ W_dec_i[:, o] + b_dec_o`` (``+ x_o @ W_skip_o`` with an affine skip term).
 
@@ -66,7 +67,7 @@ class CrossLayerTranscoder(nn.Module):
     def __init__(self, W_enc: Sequence[torch.Tensor], W_dec: Sequence[torch.Tensor], b_enc: Sequence[torch.Tensor],
                  b_dec: Sequence[torch.Tensor], threshold: Sequence[torch.Tensor],
                  W_skip: Sequence[torch.Tensor] | None = None, *, site: str = SITE_IN, site_out: str = SITE_OUT,
-                 files: Sequence[Path] | None = None):
+                 files: Sequence[Path] | None = None, k: int | None = None):
         super().__init__()
         n = len(W_enc)
         self.n_layers = n
@@ -84,10 +85,14 @@ class CrossLayerTranscoder(nn.Module):
                    "W_dec": W_dec[i]}
             if W_skip is not None:
                 want["W_skip"], got["W_skip"] = (self.d_model, self.d_model), W_skip[i]
-            for k, t in got.items():
-                if t is not None and tuple(t.shape) != want[k]:
-                    raise ValueError(f"layer {i}: {k} has shape {tuple(t.shape)}, expected {want[k]} "
+            for key, t in got.items():
+                if t is not None and tuple(t.shape) != want[key]:
+                    raise ValueError(f"layer {i}: {key} has shape {tuple(t.shape)}, expected {want[key]} "
                                      "(W_dec_i is [w_i, n_layers - i, d_model]: outputs from layer i on)")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(self.widths)):
+            raise ValueError(f"k (features kept per layer and token) must be an int in 1..{min(self.widths)} (the "
+                             f"narrowest layer), got {k!r}")
+        self.k = k
         self.files = list(files) if files is not None else None
         self._maps: list[Any] | None = None
         self.lazy = files is not None
@@ -121,7 +126,7 @@ class CrossLayerTranscoder(nn.Module):
         vec = [torch.empty(w, device="meta") for w in shapes["widths"]]
         bias = [torch.empty(d, device="meta")] * n
         skip = [torch.empty(d, d, device="meta")] * n if shapes["skip"] else None
-        return cls(meta, dec, vec, bias, vec, skip, files=list(files), **sites)
+        return cls(meta, dec, vec, bias, vec, skip, files=list(files), k=shapes.get("k"), **sites)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -151,8 +156,9 @@ class CrossLayerTranscoder(nn.Module):
 
     def __repr__(self) -> str:
         mode = "lazy, memory-mapped" if self.lazy else "in memory"
+        topk = f"TopK k={self.k} per layer, " if self.k is not None else ""
         return (f"CrossLayerTranscoder({self.n_layers} layers, d_model {self.d_model}, {self.d_sae} features, "
-                f"skip={self.has_skip}, {self.dtype}, {mode}, {self.site} -> {self.site_out})")
+                f"{topk}skip={self.has_skip}, {self.dtype}, {mode}, {self.site} -> {self.site_out})")
 
     def _check_layer(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
@@ -234,6 +240,9 @@ class CrossLayerTranscoder(nn.Module):
             raise ValueError(f"the CLT reads width {self.d_model}, got {x.shape[-1]}")
         w, b, thr = self.encoder(layer)
         pre = x.to(self._dtype) @ w + b
+        if self.k is not None:
+            values, idx = pre.topk(self.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
         return torch.relu(pre) * (pre > thr)
 
     def decode(self, acts: Sequence[torch.Tensor | None], out_layer: int) -> torch.Tensor:
@@ -282,15 +291,16 @@ class CrossLayerTranscoder(nn.Module):
                for i in range(n)]
         skip = [self.skip_weight(i) for i in range(n)] if self.has_skip else None
         out = CrossLayerTranscoder([e[0] for e in enc], dec, [e[1] for e in enc], [self.bias(o) for o in range(n)],
-                                   [e[2] for e in enc], skip, site=self.site, site_out=self.site_out)  # type: ignore
+                                   [e[2] for e in enc], skip, site=self.site, site_out=self.site_out,  # type: ignore
+                                   k=self.k)
         out.sites_in, out.sites_out = list(self.sites_in), list(self.sites_out)
         return out
 
     @classmethod
     def random(cls, n_layers: int, d_model: int, widths: int | Sequence[int], seed: int = 0, skip: bool = False,
-               threshold: float = 0.05) -> CrossLayerTranscoder:
+               threshold: float = 0.05, k: int | None = None) -> CrossLayerTranscoder:
         """Random weights (reads ``blocks.i.pre_mlp_norm``, writes ``blocks.o.post_mlp_norm``), for
-        tests and shapes."""
+        tests and shapes; ``k`` makes it a TopK CLT."""
         ws = [widths] * n_layers if isinstance(widths, int) else list(widths)
         gen = torch.Generator().manual_seed(seed)
         enc = [torch.randn(d_model, w, generator=gen) / d_model ** 0.5 for w in ws]
@@ -299,7 +309,7 @@ class CrossLayerTranscoder(nn.Module):
         b_dec = [torch.randn(d_model, generator=gen) * 0.1 for _ in ws]
         thr = [torch.rand(w, generator=gen) * 2 * threshold for w in ws]
         w_skip = [torch.randn(d_model, d_model, generator=gen) * 0.05 for _ in ws] if skip else None
-        return cls(enc, dec, b_enc, b_dec, thr, w_skip)
+        return cls(enc, dec, b_enc, b_dec, thr, w_skip, k=k)
 
     def save(self, folder: Any) -> Path:
         """Write Gemma Scope 2's ``clt/`` layout: ``config.json`` and ``params_layer_{i}.safetensors``

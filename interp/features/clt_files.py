@@ -140,7 +140,10 @@ def check_clt_folder(folder: Path, config: dict[str, Any]) -> tuple[list[Path], 
         raise DictionaryFileError(f"{folder / 'config.json'}: width={width!r} but the layer files hold {sum(widths)} "
                                   f"features in all ({widths[:4]}{'...' if n > 4 else ''} per layer); the config "
                                   "and the tensors must agree (re-download the folder)")
-    return files, {"widths": widths, "d_model": d_model, "skip": skip_flags[0]}
+    out: dict[str, Any] = {"widths": widths, "d_model": d_model, "skip": skip_flags[0]}
+    if config.get("architecture") == "topk":  # this toolkit's TopK CLTs (check_config has checked k)
+        out["k"] = config["k"]
+    return files, out
 
 
 def load_clt(folder: Path, config: dict[str, Any], *, lazy: bool = True,
@@ -165,11 +168,14 @@ def load_clt(folder: Path, config: dict[str, Any], *, lazy: bool = True,
                 elif k in names:
                     parts[k].append(f.get_tensor(names[k]).to(dtype))
     return CrossLayerTranscoder(parts["w_enc"], parts["w_dec"], parts["b_enc"], parts["b_dec"], parts["threshold"],
-                                parts["affine_skip_connection"] if shapes["skip"] else None, **sites)
+                                parts["affine_skip_connection"] if shapes["skip"] else None, k=shapes.get("k"),
+                                **sites)
 
 
 def save_clt(clt: CrossLayerTranscoder, folder: Any) -> Path:
     """Write ``clt`` in Gemma Scope 2's ``clt/`` layout (float32 files; ``w_dec``'s unused entries zero).
+    A TopK CLT (``clt.k`` set; Gemma Scope 2 releases none) is written the same way with
+    ``"architecture": "topk"`` and ``"k"`` in ``config.json``, which this toolkit reads back.
 
     >>> import tempfile
     >>> folder = save_clt(CrossLayerTranscoder.random(3, 8, [4, 5, 6]), tempfile.mkdtemp())
@@ -200,8 +206,10 @@ def save_clt(clt: CrossLayerTranscoder, folder: Any) -> Path:
           SITE_OUT: "model.layers.{all}.post_feedforward_layernorm.output"}
     hooks = {key: hf.get(t, t.replace("{layer}", "{all}"))
              for key, t in (("hf_hook_point_in", clt.site), ("hf_hook_point_out", clt.site_out))}
-    config = {**hooks, "width": clt.d_sae, "architecture": "jump_relu", "affine_connection": clt.has_skip,
-              "type": "clt"}
+    config: dict[str, Any] = {**hooks, "width": clt.d_sae, "architecture": "jump_relu",
+                              "affine_connection": clt.has_skip, "type": "clt"}
+    if clt.k is not None:
+        config.update(architecture="topk", k=clt.k)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -27,7 +27,7 @@ from .files import DictionaryFileError, hf_hook, read_json, read_tensors
 GEMMA_SCOPE_FILES = ("params.safetensors", "params.npz")
 GEMMA_SCOPE_PATTERNS = (*GEMMA_SCOPE_FILES, "params_layer_*.safetensors", "config.json")
 CONFIG_KEYS = ("hf_hook_point_in", "hf_hook_point_out", "width", "model_name", "architecture", "l0",
-               "affine_connection", "type", "hook_point", "site")
+               "affine_connection", "type", "hook_point", "site", "k")
 TYPES = ("sae", "transcoder", "clt", "crosscoder")
 
 
@@ -54,10 +54,18 @@ def check_config(config: dict[str, Any], path: Path) -> str | None:
         raise DictionaryFileError(f"{path}: unknown setting(s) {unknown}; this reader applies {list(CONFIG_KEYS)}. "
                                   "Remove the key if it does not change the math, or ask for it to be supported")
     arch = config.get("architecture")
-    if arch is not None and arch not in ("jump_relu", "jumprelu"):
-        raise DictionaryFileError(f"{path}: architecture={arch!r} is not supported; Gemma Scope 2 releases "
-                                  "'jump_relu' dictionaries only")
     kind = config.get("type")
+    if arch == "topk" and kind == "clt":  # a TopK CLT this toolkit trained and saved (CrossLayerTranscoder.save)
+        k = config.get("k")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise DictionaryFileError(f"{path}: a TopK CLT needs k (features kept per layer and token), an int >= 1; "
+                                      f"got k={k!r}")
+    elif arch is not None and arch not in ("jump_relu", "jumprelu"):
+        raise DictionaryFileError(f"{path}: architecture={arch!r} is not supported; Gemma Scope 2 releases "
+                                  "'jump_relu' dictionaries only (and this toolkit's TopK CLTs are type 'clt')")
+    elif "k" in config:
+        raise DictionaryFileError(f"{path}: k={config['k']!r} is for TopK CLTs (architecture 'topk', type 'clt'); "
+                                  "remove it")
     if kind is not None and kind not in TYPES:
         raise DictionaryFileError(f"{path}: type={kind!r} is unknown; expected one of {list(TYPES)}")
     if kind == "crosscoder":

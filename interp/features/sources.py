@@ -49,6 +49,7 @@ class _Source:
     device: torch.device
     site: str | None = None
     site_out: str | None = None
+    n_layers: int = 1  # a CLT's source: the layers it reads and writes
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -157,3 +158,119 @@ def _source(source: Any) -> _Source:
         return _TensorSource(source[0], source[1])
     raise TypeError("source must be (ActivationStore, site), (ActivationStore, site_in, site_out), a tensor "
                     f"[n, d_in] or a pair of tensors (x_in, x_out); got {type(source).__name__}")
+
+
+# ---------------------------------------------------------------------- cross-layer transcoders
+CLT_SITE_IN, CLT_SITE_OUT = "blocks.{layer}.pre_mlp_norm", "blocks.{layer}.post_mlp_norm"
+
+
+class _CLTSource(_Source):
+    """Every layer's MLP input and output, read in step: batches ``(x [B, L, d], y [B, L, d])``."""
+
+    def _check_widths(self, d_in: list[int], d_out: list[int], names_in: list[str], names_out: list[str]) -> None:
+        if len(set(d_in + d_out)) != 1:
+            shown = ", ".join(f"{name} {d}" for name, d in zip(names_in + names_out, d_in + d_out))
+            raise TrainingError(f"a CLT reads and writes one width at every layer; the widths differ: {shown}. Pass "
+                                "every layer's MLP input and output of one model")
+        self.d_in = self.d_out = d_in[0]
+
+
+class _CLTTensorSource(_CLTSource):
+    def __init__(self, xs: list[torch.Tensor], ys: list[torch.Tensor]):
+        if len(xs) != len(ys) or not xs:
+            raise TrainingError(f"a CLT's tensor source is (inputs, outputs), one tensor per layer in each list; got "
+                                f"{len(xs)} inputs and {len(ys)} outputs")
+        for name, t in [(f"inputs[{i}]", x) for i, x in enumerate(xs)] + [(f"outputs[{i}]", y) for i, y in
+                                                                          enumerate(ys)]:
+            if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 1:
+                raise TrainingError(f"a CLT's per-layer tensors must be [n, d_model]; {name} has shape "
+                                    f"{tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TrainingError(f"{name} must hold floats, not {t.dtype}")
+            if t.shape[0] != xs[0].shape[0]:
+                raise TrainingError(f"{name} has {t.shape[0]} rows and inputs[0] {xs[0].shape[0]}: every layer needs "
+                                    "one row per token")
+            if t.device != xs[0].device:
+                raise TrainingError(f"{name} is on {t.device} and inputs[0] on {xs[0].device}; put them on one device")
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(_where_non_finite(t, name))
+        self._check_widths([x.shape[1] for x in xs], [y.shape[1] for y in ys],
+                           [f"inputs[{i}]" for i in range(len(xs))], [f"outputs[{i}]" for i in range(len(ys))])
+        self.xs, self.ys = list(xs), list(ys)
+        self.transcoder = True
+        self.n_layers, self.n = len(xs), xs[0].shape[0]
+        self.device = xs[0].device
+        self.site, self.site_out = CLT_SITE_IN, CLT_SITE_OUT
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "clt tensors", "inputs": [_fingerprint(x) for x in self.xs],
+                "outputs": [_fingerprint(y) for y in self.ys], "shape": [self.n, self.n_layers, self.d_in]}
+
+    def epoch(self, epoch, batch_size, seed, device):
+        perm = torch.randperm(self.n, generator=_generator(seed, "data", epoch)).to(self.device)
+        for i in range(0, self.n - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            yield (torch.stack([x[idx] for x in self.xs], 1).to(device=device, dtype=torch.float32),
+                   torch.stack([y[idx] for y in self.ys], 1).to(device=device, dtype=torch.float32))
+
+
+class _CLTStoreSource(_CLTSource):
+    def __init__(self, store: Any):
+        sites = store.manifest["sites"]
+        layers = sorted({int(n.split(".")[1]) for n in sites if n.startswith("blocks.") and n.split(".")[1].isdigit()
+                         and n.endswith((".pre_mlp_norm", ".post_mlp_norm"))})
+        config_layers = store.manifest.get("model", {}).get("config", {}).get("n_layers")
+        n = int(config_layers) if isinstance(config_layers, int) else (max(layers) + 1 if layers else 0)
+        self.sites_in = [CLT_SITE_IN.format(layer=i) for i in range(n)]
+        self.sites_out = [CLT_SITE_OUT.format(layer=i) for i in range(n)]
+        missing = [s for s in self.sites_in + self.sites_out if s not in sites]
+        if not n or missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise TrainingError(f"a CLT trains on every layer's MLP input and output; the store at {store.path} lacks "
+                                f"{shown or 'them all'}: harvest 'blocks.*.pre_mlp_norm' and "
+                                "'blocks.*.post_mlp_norm' for every layer")
+        dims = {s: math.prod(sites[s]["dims"]) for s in self.sites_in + self.sites_out}
+        self._check_widths([dims[s] for s in self.sites_in], [dims[s] for s in self.sites_out], self.sites_in,
+                           self.sites_out)
+        self.store = store
+        self.transcoder = True
+        self.n_layers = n
+        self.n = int(store.manifest["n_tokens"])
+        if self.n < 1:
+            raise TrainingError(f"the store at {store.path} holds no tokens")
+        self.device = torch.device("cpu")
+        self.site, self.site_out = CLT_SITE_IN, CLT_SITE_OUT
+
+    def describe(self) -> dict[str, Any]:
+        manifest = hashlib.sha256(json.dumps(self.store.manifest, sort_keys=True).encode()).hexdigest()
+        return {"type": "clt store", "layers": self.n_layers, "manifest": manifest, "n_tokens": self.n}
+
+    def epoch(self, epoch, batch_size, seed, device):
+        s = _seed(seed, "data", epoch)
+        sites = self.sites_in + self.sites_out
+        streams = [self.store.batches(site, batch_size, shuffle=True, seed=s, dtype=torch.float32) for site in sites]
+        for b, parts in enumerate(zip(*streams)):
+            if parts[0].shape[0] != batch_size:
+                return  # the epoch's last, partial batch is not used
+            out = []
+            for site, t in zip(sites, parts):
+                t = t.reshape(t.shape[0], -1)
+                if not bool(torch.isfinite(t).all()):
+                    raise NonFiniteError(_where_non_finite(t, f"{site}: batch {b} of epoch {epoch} (of {batch_size} "
+                                                              "shuffled vectors)") + "; the store holds NaN or inf")
+                out.append(t)
+            L = self.n_layers
+            yield torch.stack(out[:L], 1).to(device), torch.stack(out[L:], 1).to(device)
+
+
+def _clt_source(source: Any) -> _CLTSource:
+    from ..data import ActivationStore
+
+    if isinstance(source, ActivationStore):
+        return _CLTStoreSource(source)
+    if (isinstance(source, (tuple, list)) and len(source) == 2 and all(isinstance(s, (tuple, list)) for s in source)
+            and all(isinstance(t, torch.Tensor) for s in source for t in s)):
+        return _CLTTensorSource(list(source[0]), list(source[1]))
+    raise TypeError("a CLT's source is an ActivationStore holding every layer's blocks.L.pre_mlp_norm and "
+                    "blocks.L.post_mlp_norm, or (inputs, outputs): two lists with one [n, d_model] tensor per layer; "
+                    f"got {type(source).__name__}")

@@ -23,13 +23,14 @@ class TrainingLog:
     have not fired for ``dead_tokens`` tokens, at the record), ``lr``, and ``sparsity_coefficient``
     (JumpReLU) or ``aux_loss`` (TopK). Columns read as lists: ``log.l0``, ``log["l0"]``.
     ``settings`` are the resolved training settings; ``scale_in``/``scale_out`` the normalisation
-    factors (already folded into the returned weights); ``warnings`` the sentences :func:`train`
-    warned at the end (most features dead, an L0 far from the target)."""
+    factors (already folded into the returned weights; a list, one per layer, for a CLT);
+    ``warnings`` the sentences :func:`train` warned at the end (most features dead, an L0 far from
+    the target)."""
 
     kind: str
     settings: dict[str, Any]
-    scale_in: float = 1.0
-    scale_out: float = 1.0
+    scale_in: float | list[float] = 1.0
+    scale_out: float | list[float] = 1.0
     records: list[dict[str, float]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -301,8 +302,9 @@ class _Trainer:
     def warnings(self) -> list[str]:
         """The end-of-run checks: most features dead; an L0 more than 1.5x from the target."""
         out, s, f = [], self.s, self.records[-1]
-        if f["dead"] > s["d_sae"] / 2:
-            out.append(f"{f['dead']} of {s['d_sae']} features are dead (no firing in {s['dead_tokens']} tokens) at "
+        n_features = self.since_fired.numel()  # d_sae, or every layer's for a CLT
+        if f["dead"] > n_features / 2:
+            out.append(f"{f['dead']} of {n_features} features are dead (no firing in {s['dead_tokens']} tokens) at "
                        f"step {f['step']}: train longer, raise lr, or lower the sparsity (sparsity_coefficient, "
                        "l0, k)")
         target = s.get("l0")

@@ -1,5 +1,6 @@
 """Training sparse dictionaries: JumpReLU SAEs (the Gemma Scope recipe), TopK SAEs (Gao et al.
-2024), and transcoders of either kind, from an :class:`~interp.data.ActivationStore` or tensors.
+2024), transcoders of either kind, and cross-layer transcoders (``kind="clt"``), from an
+:class:`~interp.data.ActivationStore` or tensors.
 
 ``train(source, kind, d_sae=, steps=, seed=, **options)`` returns a dictionary of
 :mod:`interp.features.dictionary` that works on the raw activations (whatever normalisation the
@@ -12,7 +13,10 @@ Sources:
 - ``(store, site_in, site_out)``: a :class:`~interp.features.dictionary.Transcoder` reading
   ``site_in`` and predicting ``site_out`` (e.g. ``blocks.L.pre_mlp_norm`` -> ``blocks.L.post_mlp_norm``);
 - a tensor ``[n, d_in]`` (an SAE) or a pair of tensors ``(x_in [n, d_in], x_out [n, d_out])`` (a
-  transcoder), shuffled per epoch.
+  transcoder), shuffled per epoch;
+- ``kind="clt"``: the store itself, holding ``blocks.L.pre_mlp_norm`` and ``blocks.L.post_mlp_norm``
+  of every layer ``L`` of the harvested model (all read in step), or ``(inputs, outputs)``: two lists
+  with one ``[n, d_model]`` tensor per layer. ``d_sae`` is then the features *per layer*.
 
 Recipes (every term on the normalised data; see ``normalize``):
 
@@ -28,8 +32,31 @@ Recipes (every term on the normalised data; see ``normalize``):
   pre-activations of the features that have not fired for ``dead_tokens`` tokens. Adam with
   ``betas=(0.9, 0.999)``.
 
-Both: ``W_dec`` rows random unit vectors, ``W_enc = W_dec.T`` (a random matrix with unit columns when
-``d_in != d_out``), ``b_dec`` the data mean (of the target), ``b_enc = 0``; after every step the
+- ``"clt"`` (a :class:`~interp.features.clt.CrossLayerTranscoder`): layer ``i``'s features read
+  its MLP input ``x_i`` and write every MLP output ``o >= i``; the loss is the squared error of
+  every layer's MLP output, summed over the layers (each layer normalised on its own, so each
+  counts alike), plus a sparsity term. JumpReLU by default (the estimators above), with the
+  sparsity penalty of Anthropic's "Circuit Tracing" (Ameisen et al. 2025):
+  ``lambda * sum_i sum_f tanh(c * ||W_dec_{i,f}|| * f_{i,f})`` where ``||W_dec_{i,f}||`` is the norm
+  of feature ``f``'s decoder vectors to all its output layers *concatenated*,
+  ``sqrt(sum_{o >= i} ||W_dec_{i,f,o}||^2)``, and ``c`` is ``tanh_scale`` (4.0). Why that form: it
+  is the one the paper writes down; it weighs a feature by the norm of everything it writes, so
+  the penalty cannot be dodged by shrinking the decoder and growing the activation (the decoder
+  is left free, no unit-norm constraint), and it does not depend on how the write is split over
+  the layers. The summed form ``sum_o ||W_dec_{i,f,o}||`` (an L1 over output layers) would in
+  addition push each feature to write to fewer layers, which is a different objective; we did
+  not find the exact form of Gemma Scope 2's CLT penalty published, so this module does not
+  claim to reproduce it. ``tanh`` makes the penalty count large activations about once (L0-like)
+  and small ones in proportion (L1-like). At the end each feature's concatenated decoder is
+  rescaled to unit norm, the factor moved into its encoder column, bias and threshold (the
+  outputs do not change). With ``k=`` (an int) the CLT is TopK instead: the ``k`` largest
+  pre-activations *of each layer* fire, AuxK as above (per layer), and each feature's
+  concatenated decoder is kept at unit norm throughout; no sparsity penalty. ``skip=True`` adds
+  an affine skip ``x_o W_skip_o`` per layer. Unit norms are in the normalised units of training
+  (``training_log.scale_out[o]`` per output layer converts).
+
+SAEs and transcoders: ``W_dec`` rows random unit vectors, ``W_enc = W_dec.T`` (a random matrix
+with unit columns when ``d_in != d_out``), ``b_dec`` the data mean (of the target), ``b_enc = 0``; after every step the
 decoder rows go back to unit norm (their gradient's component along the row is removed first).
 Squared errors are summed over the width and averaged over the batch.
 
@@ -47,7 +74,14 @@ multiplies it by ``exp(0.01 * log(L0_batch / l0))`` every step, so the L0 settle
 ``warmup_steps`` (a tenth of ``steps``), ``bandwidth`` (0.05) and ``initial_threshold`` (0.1), both
 in the units of the normalised data, where a unit-norm encoder column's pre-activation has a
 spread of about 1; TopK: ``k`` (``min(32, d_sae)``), ``k_aux`` (``d_in // 2``), ``aux_coefficient``
-(1/32).
+(1/32). A CLT takes JumpReLU's options and ``tanh_scale`` (4.0), or with ``k=`` TopK's; ``l0`` and
+``k`` count features per layer (the log's ``l0`` too: the mean over layers), and its log also has
+``sparsity_loss`` (the penalty before ``lambda``); ``scale_in``/``scale_out`` are per layer.
+
+Memory: before allocating anything, the parameters, their gradients, Adam's two moments and one
+batch's tensors are estimated and compared with the device's free memory; a run that would need
+more than 80% of it is refused (:class:`TrainingError`) naming the largest ``d_sae`` that fits at
+that ``batch_size``.
 
 Warnings: when the run ends with more than half the features dead, or with an L0 more than 1.5x
 away from ``l0`` (either way), :func:`train` warns (``UserWarning``) and adds the sentence to
@@ -67,6 +101,14 @@ uninterrupted run. A checkpoint written with other settings is refused (:class:`
 >>> sae = train(x, "topk", d_sae=16, steps=20, k=2, batch_size=128, progress=False)
 >>> sae.W_dec.norm(dim=1).allclose(torch.ones(16)), sae.training_log.step[-1]
 (True, 20)
+
+A CLT over three layers from per-layer tensors (an ``ActivationStore`` of a model's
+``blocks.*.pre_mlp_norm`` and ``blocks.*.post_mlp_norm`` trains the same way: ``train(store, "clt", ...)``):
+
+>>> xs, ys = [torch.randn(512, 8) for _ in range(3)], [torch.randn(512, 8) for _ in range(3)]
+>>> clt = train((xs, ys), "clt", d_sae=16, steps=10, batch_size=128, skip=True, progress=False)
+>>> clt.widths, clt.has_skip, len(clt.training_log.scale_out), [tuple(y.shape) for y in clt(xs)]
+([16, 16, 16], True, 3, [(512, 8), (512, 8), (512, 8)])
 """
 
 from __future__ import annotations
@@ -76,19 +118,21 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from ..atomic import atomic_write
 from ..progress import progress_bar
+from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
-from .sources import TrainingError, _seed, _Source, _source
+from .sources import TrainingError, _clt_source, _seed, _Source, _source
 from .trainer import TrainingLog, _Trainer
+from .trainer_clt import _CLTTrainer
 
 FORMAT = "interp-train-1"
 STATE_FILE = "train.json"
-KINDS = ("jumprelu", "topk")
+KINDS = ("jumprelu", "topk", "clt")
 
 COMMON = {"batch_size": 4096, "lr": None, "betas": None, "lr_warmup_steps": 0, "lr_decay_steps": 0,
           "normalize": True, "init_rows": 65536, "skip": False, "dead_tokens": 1_000_000, "log_every": None}
@@ -97,6 +141,10 @@ PER_KIND: dict[str, dict[str, Any]] = {
                  "initial_threshold": 0.1},
     "topk": {"k": None, "k_aux": None, "aux_coefficient": 1 / 32},
 }
+# a CLT takes its activation's options; k= (an int) makes it TopK. tanh_scale is c in tanh(c ||W_dec|| f)
+CLT_JUMPRELU = {"tanh_scale": 4.0}
+# the largest share of the free memory a run may plan to use (the rest: the data, Python, the OS)
+MEMORY_SHARE = 0.8
 DEFAULT_BETAS = {"jumprelu": (0.0, 0.999), "topk": (0.9, 0.999)}
 # JumpReLU learns log(threshold) with Adam, whose steps are about lr each: at 2e-4 the threshold can
 # grow by e^(2e-4 * steps), 2.2x in 4,000 steps, far short of the pre-activations' scale (~1 on the
@@ -120,27 +168,39 @@ def _check_float(name: str, value: Any, low: float, strict: bool = True) -> floa
     return float(value)
 
 
+def _activation(kind: str, options: dict[str, Any]) -> str:
+    """The activation a kind trains: its own, or for a CLT TopK when ``k=`` is given, else JumpReLU."""
+    if kind != "clt":
+        return kind
+    return "topk" if options.get("k") is not None else "jumprelu"
+
+
 def _settings(kind: Any, d_sae: Any, steps: Any, seed: Any, src: _Source, options: dict[str, Any]) -> dict[str, Any]:
     if kind not in KINDS:
         raise TrainingError(f"unknown kind {kind!r}; train knows {', '.join(repr(k) for k in KINDS)}")
     _check_int("d_sae", d_sae, 1)
     _check_int("steps", steps, 1)
     _check_int("seed", seed, 0)
-    known = {**COMMON, **PER_KIND[kind]}
+    act = _activation(kind, options)
+    known = {**COMMON, **PER_KIND[act], **(CLT_JUMPRELU if kind == "clt" and act == "jumprelu" else {})}
     unknown = [k for k in options if k not in known]
     if unknown:
-        other = [k for k in unknown if any(k in PER_KIND[o] for o in KINDS)]
-        hint = f" ({', '.join(other)} belong to another kind)" if other else ""
-        if kind == "topk" and "l0" in unknown:
-            hint += "; a TopK SAE's L0 is k (k=...)"
+        other = [k for k in unknown if any(k in PER_KIND[o] for o in PER_KIND) or k in CLT_JUMPRELU]
+        if kind == "clt":
+            hint = (f" ({', '.join(other)} belong to a {'JumpReLU CLT (no k=)' if act == 'topk' else 'TopK CLT (k=)'})"
+                    if other else "")
+        else:
+            hint = f" ({', '.join(other)} belong to another kind)" if other else ""
+        if act == "topk" and "l0" in unknown:
+            hint += f"; a TopK {'CLT' if kind == 'clt' else 'SAE'}'s L0 is k (k=...)"
         raise TypeError(f"unknown option(s) {', '.join(unknown)} for kind {kind!r}{hint}; the options are "
                         f"{', '.join(sorted(known))}")
     s: dict[str, Any] = {**known, **options}
     batch = _check_int("batch_size", s["batch_size"], 1)
     s["batch_size"] = min(batch, src.n)  # fewer vectors than a batch: one batch of them all
-    s["lr"] = s["lr"] if s["lr"] is not None else DEFAULT_LR[kind]
+    s["lr"] = s["lr"] if s["lr"] is not None else DEFAULT_LR[act]
     _check_float("lr", s["lr"], 0.0)
-    betas = s["betas"] if s["betas"] is not None else DEFAULT_BETAS[kind]
+    betas = s["betas"] if s["betas"] is not None else DEFAULT_BETAS[act]
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
             or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         raise TrainingError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -154,7 +214,9 @@ def _settings(kind: Any, d_sae: Any, steps: Any, seed: Any, src: _Source, option
     if s["skip"] and not src.transcoder:
         raise TrainingError("skip=True is for transcoders (a source with an input and an output)")
     s["log_every"] = _check_int("log_every", s["log_every"] if s["log_every"] is not None else max(1, steps // 100), 1)
-    if kind == "jumprelu":
+    if act == "jumprelu":
+        if kind == "clt":
+            _check_float("tanh_scale", s["tanh_scale"], 0.0)
         _check_float("sparsity_coefficient", s["sparsity_coefficient"], 0.0, strict=False)
         s["warmup_steps"] = _check_int("warmup_steps", s["warmup_steps"] if s["warmup_steps"] is not None
                                        else steps // 10, 0)
@@ -174,11 +236,54 @@ def _settings(kind: Any, d_sae: Any, steps: Any, seed: Any, src: _Source, option
             raise TrainingError(f"k_aux must be an int in 1..d_sae={d_sae}, got {k_aux!r}")
         s["k_aux"] = k_aux
         _check_float("aux_coefficient", s["aux_coefficient"], 0.0, strict=False)
-    for key in ("lr", "sparsity_coefficient", "bandwidth", "initial_threshold", "aux_coefficient"):
+    for key in ("lr", "sparsity_coefficient", "bandwidth", "initial_threshold", "aux_coefficient", "tanh_scale"):
         if key in s:
             s[key] = float(s[key])
-    return {"format": FORMAT, "kind": kind, "transcoder": src.transcoder, "d_sae": d_sae, "steps": steps,
+    extra = {"activation": act, "n_layers": src.n_layers} if kind == "clt" else {}
+    return {"format": FORMAT, "kind": kind, **extra, "transcoder": src.transcoder, "d_sae": d_sae, "steps": steps,
             "seed": seed, **dict(sorted(s.items())), "source": src.describe()}
+
+
+# ---------------------------------------------------------------------- memory
+def _memory_needed(settings: dict[str, Any], src: _Source, d_sae: int) -> int:
+    """Bytes a run plans to hold: every parameter four times (itself, its gradient, Adam's two
+    moments; float32) and one batch's tensors (inputs, targets, reconstruction, errors; the
+    pre-activations, activations and their gradients), per layer for a CLT."""
+    d_in, d_out, batch = src.d_in, src.d_out, settings["batch_size"]
+    if settings["kind"] == "clt":
+        L = src.n_layers
+        params = L * (d_in * d_sae + 2 * d_sae + d_out) + d_sae * d_out * L * (L + 1) // 2
+        params += L * d_in * d_out if settings["skip"] else 0
+        per_row = L * (3 * d_in + 4 * d_out + 8 * d_sae)
+    else:
+        params = d_in * d_sae + d_sae * d_out + 2 * d_sae + d_out + (d_in * d_out if settings["skip"] else 0)
+        per_row = 3 * d_in + 4 * d_out + 8 * d_sae
+    return 4 * (4 * params + batch * per_row)
+
+
+def _check_memory(settings: dict[str, Any], src: _Source, device: torch.device) -> None:
+    """Refuse a run whose parameters, optimiser state and batch would not fit in the device's free
+    memory, naming the largest ``d_sae`` that would (at this ``batch_size``)."""
+    from ..model.runs import available_memory, format_bytes
+
+    free = available_memory(device)
+    if free is None:
+        return
+    budget = int(MEMORY_SHARE * free)
+    need = _memory_needed(settings, src, settings["d_sae"])
+    if need <= budget:
+        return
+    lo, hi = 0, settings["d_sae"]  # the largest d_sae that fits: need grows with d_sae
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _memory_needed(settings, src, mid) <= budget else (lo, mid - 1)
+    what = f"a CLT of {settings['d_sae']:,} features per layer over {src.n_layers} layers" if settings[
+        "kind"] == "clt" else f"{settings['d_sae']:,} features"
+    fits = (f"d_sae={lo:,} fits at batch_size={settings['batch_size']:,}" if lo >= 1 else
+            "not even d_sae=1 fits at this batch_size: lower batch_size")
+    raise TrainingError(f"training {what} needs about {format_bytes(need)} on {device} (parameters, gradients, "
+                        f"Adam's state and a batch), more than {MEMORY_SHARE:.0%} of the {format_bytes(free)} free: "
+                        f"{fits}, or lower batch_size, or train on a device with more memory")
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -250,32 +355,50 @@ def _load_checkpoint(folder: Path, settings: dict[str, Any]) -> tuple[int, dict[
 
 
 # ---------------------------------------------------------------------- train
+@overload
+def train(source: Any, kind: Literal["clt"], *, d_sae: int, steps: int, seed: int = 0,
+          device: str | torch.device | None = None, progress: bool = True,
+          checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+          **options: Any) -> CrossLayerTranscoder: ...
+
+
+@overload
+def train(source: Any, kind: Literal["jumprelu", "topk"] = "jumprelu", *, d_sae: int, steps: int, seed: int = 0,
+          device: str | torch.device | None = None, progress: bool = True,
+          checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+          **options: Any) -> Dictionary: ...
+
+
 @torch.enable_grad()  # works inside torch.no_grad() / set_grad_enabled(False), as notebooks often are
 def train(source: Any, kind: str = "jumprelu", *, d_sae: int, steps: int, seed: int = 0,
           device: str | torch.device | None = None, progress: bool = True,
           checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-          **options: Any) -> Dictionary:
-    """Train a ``kind`` dictionary (``"jumprelu"`` or ``"topk"``) of ``d_sae`` features for
-    ``steps`` steps (one batch each) on ``source``; see the module docstring for the sources, the
-    recipes and the options. Deterministic for a ``seed`` (on CPU). Returns a
-    :class:`~interp.features.dictionary.JumpReLUSAE`, :class:`~interp.features.dictionary.TopKSAE`
-    or :class:`~interp.features.dictionary.Transcoder` (frozen parameters, unit-norm decoder
-    rows) whose ``training_log`` is a :class:`TrainingLog`.
+          **options: Any) -> Dictionary | CrossLayerTranscoder:
+    """Train a ``kind`` dictionary (``"jumprelu"``, ``"topk"`` or ``"clt"``) of ``d_sae`` features
+    (per layer for a CLT) for ``steps`` steps (one batch each) on ``source``; see the module
+    docstring for the sources, the recipes and the options. Deterministic for a ``seed`` (on CPU).
+    Returns a :class:`~interp.features.dictionary.JumpReLUSAE`,
+    :class:`~interp.features.dictionary.TopKSAE`, :class:`~interp.features.dictionary.Transcoder`
+    (frozen parameters, unit-norm decoder rows) or
+    :class:`~interp.features.clt.CrossLayerTranscoder` (``kind="clt"``: JumpReLU, or TopK with
+    ``k=``) whose ``training_log`` is a :class:`TrainingLog`.
 
-    Raises :class:`TrainingError` (a ValueError) for bad arguments, a source of the wrong shape or
-    a checkpoint written with other settings, ``TypeError`` for an unknown option or source type,
+    Raises :class:`TrainingError` (a ValueError) for bad arguments, a source of the wrong shape (a
+    CLT's store lacking a layer's site, layers of unequal widths), a run that would not fit in
+    memory or a checkpoint written with other settings, ``TypeError`` for an unknown option or source type,
     and :class:`~interp.hooks.NonFiniteError` for NaN or inf in the data (naming where) or a
     diverging run.
     """
-    src = _source(source)
+    src = _clt_source(source) if kind == "clt" else _source(source)
     settings = _settings(kind, d_sae, steps, seed, src, options)
     dev = torch.device(device) if device is not None else src.device
+    _check_memory(settings, src, dev)
     if checkpoint_every is not None:
         _check_int("checkpoint_every", checkpoint_every, 1)
         if checkpoint_dir is None:
             raise TrainingError("checkpoint_every needs checkpoint_dir")
     every = checkpoint_every or max(1, steps // 10)
-    trainer = _Trainer(settings, src, dev)
+    trainer = _CLTTrainer(settings, src, dev) if kind == "clt" else _Trainer(settings, src, dev)  # type: ignore[arg-type]
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     loaded = _load_checkpoint(folder, settings) if folder is not None else None
     start = 0
@@ -286,7 +409,8 @@ def train(source: Any, kind: str = "jumprelu", *, d_sae: int, steps: int, seed: 
         trainer.initialise()
     batch, log_every = settings["batch_size"], settings["log_every"]
     per_epoch = src.n // batch
-    bar = progress_bar(steps, f"train {kind}{' transcoder' if src.transcoder else ''}", "step", progress,
+    label = f"train {settings['activation']} CLT" if kind == "clt" else f"train {kind}{' transcoder' * src.transcoder}"
+    bar = progress_bar(steps, label, "step", progress,
                        initial=start)
     try:
         t = start
@@ -312,7 +436,7 @@ def train(source: Any, kind: str = "jumprelu", *, d_sae: int, steps: int, seed: 
     finally:
         bar.close()
     d = trainer.dictionary()
-    log = TrainingLog(kind, settings, float(trainer.scale_in), float(trainer.scale_out), list(trainer.records),
+    log = TrainingLog(kind, settings, trainer.scale_in.tolist(), trainer.scale_out.tolist(), list(trainer.records),
                       trainer.warnings())
     for w in log.warnings:
         warnings.warn(w, stacklevel=2)
