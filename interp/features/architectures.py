@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dictionary import Dictionary, JumpReLUSAE, TopKSAE, Transcoder, _param
+from .dictionary import Dictionary, JumpReLUSAE, TopKSAE, Transcoder, frozen_param
 
 
 class StandardSAE(Dictionary):
@@ -51,8 +51,8 @@ class GatedSAE(Dictionary):
         for name, t in (("b_mag", b_mag), ("r_mag", r_mag)):
             if tuple(t.shape) != (self.d_sae,):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; it must be ({self.d_sae},)")
-        self.b_mag: nn.Parameter = _param(b_mag)
-        self.r_mag: nn.Parameter = _param(r_mag)
+        self.b_mag: nn.Parameter = frozen_param(b_mag)
+        self.r_mag: nn.Parameter = frozen_param(r_mag)
         if self.settings.rescale_acts_by_decoder_norm:
             raise ValueError("a gated SAE does not take rescale_acts_by_decoder_norm (SAELens's TopK SAEs do)")
 

@@ -41,16 +41,12 @@ import torch
 from torch import nn
 
 from ..model.sites import split_site
-
-SITE_IN = "blocks.{layer}.pre_mlp_norm"
-SITE_OUT = "blocks.{layer}.post_mlp_norm"
+from .clt_files import SITE_IN, SITE_OUT, load_clt, mmap_tensors, save_clt
+from .dictionary import frozen_param
+from .files import DictionaryFileError, check_config, read_json
 
 if TYPE_CHECKING:
     from ..model import Gemma3
-
-
-def _param(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach().contiguous(), requires_grad=False)
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -103,12 +99,12 @@ class CrossLayerTranscoder(nn.Module):
             self.W_skip = None
             self.has_skip = W_skip is not None
         else:
-            self.W_enc = nn.ParameterList([_param(t) for t in W_enc])
-            self.W_dec = nn.ParameterList([_param(t) for t in W_dec])
-            self.b_enc = nn.ParameterList([_param(t) for t in b_enc])
-            self.b_dec = nn.ParameterList([_param(t) for t in b_dec])
-            self.threshold = nn.ParameterList([_param(t) for t in threshold])
-            self.W_skip = None if W_skip is None else nn.ParameterList([_param(t) for t in W_skip])
+            self.W_enc = nn.ParameterList([frozen_param(t) for t in W_enc])
+            self.W_dec = nn.ParameterList([frozen_param(t) for t in W_dec])
+            self.b_enc = nn.ParameterList([frozen_param(t) for t in b_enc])
+            self.b_dec = nn.ParameterList([frozen_param(t) for t in b_dec])
+            self.threshold = nn.ParameterList([frozen_param(t) for t in threshold])
+            self.W_skip = None if W_skip is None else nn.ParameterList([frozen_param(t) for t in W_skip])
             self.has_skip = W_skip is not None
             if n:
                 self._dtype, self._device = W_enc[0].dtype, W_enc[0].device
@@ -170,7 +166,6 @@ class CrossLayerTranscoder(nn.Module):
         """``key[index]`` of layer ``layer``'s file, read from its memory map (only the pages the
         index touches), in the CLT's dtype and on its device."""
         assert self.files is not None
-        from .clt_files import mmap_tensors
 
         if self._maps is None:
             self._maps = [None] * self.n_layers
@@ -314,7 +309,6 @@ class CrossLayerTranscoder(nn.Module):
     def save(self, folder: Any) -> Path:
         """Write Gemma Scope 2's ``clt/`` layout: ``config.json`` and ``params_layer_{i}.safetensors``
         (``w_dec`` with the full output axis, zeros before layer ``i``)."""
-        from .clt_files import save_clt
 
         return save_clt(self, folder)
 
@@ -324,9 +318,6 @@ class CrossLayerTranscoder(nn.Module):
         """Load a Gemma Scope 2 ``clt/`` folder: ``lazy`` keeps the weights in the memory-mapped files
         (each use reads its slices in ``dtype``); ``lazy=False`` reads them all now, straight into
         ``dtype``. With ``model``, the sites are resolved and the widths checked."""
-        from .clt_files import load_clt
-        from .files import DictionaryFileError, read_json
-        from .gemma_scope import check_config
 
         path = Path(folder)
         if not path.is_dir():
@@ -335,14 +326,13 @@ class CrossLayerTranscoder(nn.Module):
         kind = check_config(config, path / "config.json")
         if kind not in (None, "clt"):
             raise DictionaryFileError(f"{path / 'config.json'} says type={kind!r}, not 'clt': use load_dictionary")
-        out = load_clt(path, config, lazy=lazy, dtype=dtype).to(device=device)
+        out = load_clt(cls, path, config, lazy=lazy, dtype=dtype).to(device=device)
         if model is not None:
             out.check_fits(model)
         return out
 
     def check_fits(self, model: Gemma3) -> None:
         """Resolve every layer's sites through ``model``'s registry and check the layer count and width."""
-        from .files import DictionaryFileError
 
         if model.cfg.n_layers != self.n_layers or model.cfg.d_model != self.d_model:
             raise DictionaryFileError(f"this CLT has {self.n_layers} layers of width {self.d_model}; the model has "

@@ -13,13 +13,18 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .clt import SITE_IN, SITE_OUT, CrossLayerTranscoder
 from .files import DictionaryFileError, hf_hook
+
+if TYPE_CHECKING:
+    from .clt import CrossLayerTranscoder
+
+SITE_IN = "blocks.{layer}.pre_mlp_norm"  # what a CLT reads and writes by default, per layer
+SITE_OUT = "blocks.{layer}.post_mlp_norm"
 
 LAYER_FILE = re.compile(r"^params_layer_(\d+)\.safetensors$")
 CLT_KEYS = ("w_enc", "b_enc", "threshold", "w_dec", "b_dec")
@@ -146,16 +151,16 @@ def check_clt_folder(folder: Path, config: dict[str, Any]) -> tuple[list[Path], 
     return files, out
 
 
-def load_clt(folder: Path, config: dict[str, Any], *, lazy: bool = True,
+def load_clt(cls: type[CrossLayerTranscoder], folder: Path, config: dict[str, Any], *, lazy: bool = True,
              dtype: torch.dtype = torch.float32) -> CrossLayerTranscoder:
     """Read a Gemma Scope 2 ``clt/`` folder. ``lazy``: keep the weights in the memory-mapped files
     (each use reads its slices, in ``dtype``); else read them all now, in ``dtype`` (the decoder
-    entries before each layer are dropped)."""
+    entries before each layer are dropped). ``cls``: the class to build (:class:`CrossLayerTranscoder`)."""
     files, shapes = check_clt_folder(folder, config)
     sites: dict[str, Any] = {"site": _template(config.get("hf_hook_point_in"), folder, "hf_hook_point_in"),
              "site_out": _template(config.get("hf_hook_point_out"), folder, "hf_hook_point_out")}
     if lazy:
-        return CrossLayerTranscoder.lazy_from(files, shapes, **sites).to(dtype=dtype)
+        return cls.lazy_from(files, shapes, **sites).to(dtype=dtype)
     from safetensors import safe_open
 
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*CLT_KEYS, "affine_skip_connection")}
@@ -167,7 +172,7 @@ def load_clt(folder: Path, config: dict[str, Any], *, lazy: bool = True,
                     parts[k].append(f.get_slice(names[k])[:, i:].to(dtype))
                 elif k in names:
                     parts[k].append(f.get_tensor(names[k]).to(dtype))
-    return CrossLayerTranscoder(parts["w_enc"], parts["w_dec"], parts["b_enc"], parts["b_dec"], parts["threshold"],
+    return cls(parts["w_enc"], parts["w_dec"], parts["b_enc"], parts["b_dec"], parts["threshold"],
                                 parts["affine_skip_connection"] if shapes["skip"] else None, k=shapes.get("k"),
                                 **sites)
 
@@ -178,12 +183,13 @@ def save_clt(clt: CrossLayerTranscoder, folder: Any) -> Path:
     ``"architecture": "topk"`` and ``"k"`` in ``config.json``, which this toolkit reads back.
 
     >>> import tempfile
+    >>> from interp.features import CrossLayerTranscoder
     >>> folder = save_clt(CrossLayerTranscoder.random(3, 8, [4, 5, 6]), tempfile.mkdtemp())
     >>> [p.name for p in clt_files(folder)]
     ['params_layer_0.safetensors', 'params_layer_1.safetensors', 'params_layer_2.safetensors']
     >>> check_clt_folder(folder, {"width": 15})[1]
     {'widths': [4, 5, 6], 'd_model': 8, 'skip': False}
-    >>> load_clt(folder, {}, lazy=False).widths
+    >>> load_clt(CrossLayerTranscoder, folder, {}, lazy=False).widths
     [4, 5, 6]
     """
     from safetensors.torch import save_file

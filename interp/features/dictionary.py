@@ -35,7 +35,7 @@ from ..model.sites import block_site
 from .settings import Normalizer, Settings
 
 
-def _param(t: torch.Tensor) -> nn.Parameter:
+def frozen_param(t: torch.Tensor) -> nn.Parameter:
     """A frozen, contiguous copy of ``t`` (training unfreezes what it trains)."""
     return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format), requires_grad=False)
 
@@ -63,10 +63,10 @@ class Dictionary(nn.Module):
             if tuple(tensor.shape) != want:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}; with W_enc {tuple(W_enc.shape)} and W_dec "
                                  f"{tuple(W_dec.shape)} it must be {want}")
-        self.W_enc = _param(W_enc)
-        self.W_dec = _param(W_dec)
-        self.b_enc = _param(b_enc)
-        self.b_dec = _param(b_dec)
+        self.W_enc = frozen_param(W_enc)
+        self.W_dec = frozen_param(W_dec)
+        self.b_enc = frozen_param(b_enc)
+        self.b_dec = frozen_param(b_dec)
         self.site, self.site_out = site, site_out
         self.settings = Settings() if settings is None else settings
         if not isinstance(self.settings, Settings):
@@ -184,24 +184,6 @@ class Dictionary(nn.Module):
         w_enc = w_dec.T.clone() if d_in == d_out else torch.randn(d_in, d_sae, generator=gen) / d_in ** 0.5
         return w_enc, w_dec
 
-    def save(self, path: Any) -> Any:
-        """Write the dictionary in SAELens's format (``cfg.json`` + ``sae_weights.safetensors`` in a
-        folder); see :func:`interp.features.io.save_dictionary`."""
-        from .io import save_dictionary
-
-        return save_dictionary(self, path)
-
-    @classmethod
-    def load(cls, path: Any, **kwargs: Any) -> Dictionary:
-        """Load any supported layout (see :func:`interp.features.io.load_dictionary`)."""
-        from .io import load_dictionary
-
-        out = load_dictionary(path, **kwargs)
-        if not isinstance(out, cls):
-            raise TypeError(f"{path} holds a {type(out).__name__}, not a {cls.__name__}")
-        return out
-
-
 class JumpReLUSAE(Dictionary):
     """``acts = relu(pre) * (pre > threshold)``: each feature fires only above its own threshold
     (the Gemma Scope architecture)."""
@@ -214,7 +196,7 @@ class JumpReLUSAE(Dictionary):
         threshold = torch.zeros(self.d_sae, dtype=W_enc.dtype) if threshold is None else threshold
         if tuple(threshold.shape) != (self.d_sae,):
             raise ValueError(f"threshold has shape {tuple(threshold.shape)}; it must be ({self.d_sae},)")
-        self.threshold = _param(threshold)
+        self.threshold = frozen_param(threshold)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre) * (pre > self.threshold)
@@ -284,11 +266,11 @@ class Transcoder(Dictionary):
                              "reshape)")
         if threshold is not None and tuple(threshold.shape) != (self.d_sae,):
             raise ValueError(f"threshold has shape {tuple(threshold.shape)}; it must be ({self.d_sae},)")
-        self.threshold = None if threshold is None else _param(threshold)
+        self.threshold = None if threshold is None else frozen_param(threshold)
         if W_skip is not None and tuple(W_skip.shape) != (self.d_in, self.d_out):
             raise ValueError(f"W_skip has shape {tuple(W_skip.shape)}; it maps x [.., d_in] to [.., d_out], so it is "
                              f"[d_in, d_out] = ({self.d_in}, {self.d_out}) (Gemma Scope 2's affine_skip_connection)")
-        self.W_skip = None if W_skip is None else _param(W_skip)
+        self.W_skip = None if W_skip is None else frozen_param(W_skip)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         if self.k is not None:

@@ -53,4 +53,42 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["DictionaryFileError", "hf_hook", "read_tensors", "read_json"]
+CONFIG_KEYS = ("hf_hook_point_in", "hf_hook_point_out", "width", "model_name", "architecture", "l0",
+               "affine_connection", "type", "hook_point", "site", "k")
+TYPES = ("sae", "transcoder", "clt", "crosscoder")
+
+
+def check_config(config: dict[str, Any], path: Path) -> str | None:
+    """Refuse a Gemma Scope 2 ``config.json`` setting this reader does not apply; return its ``type``.
+
+    >>> check_config({"type": "clt", "architecture": "jump_relu", "width": 262080}, Path("config.json"))
+    'clt'
+    """
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise DictionaryFileError(f"{path}: unknown setting(s) {unknown}; this reader applies {list(CONFIG_KEYS)}. "
+                                  "Remove the key if it does not change the math, or ask for it to be supported")
+    arch = config.get("architecture")
+    kind = config.get("type")
+    if arch == "topk" and kind == "clt":  # a TopK CLT this toolkit trained and saved (CrossLayerTranscoder.save)
+        k = config.get("k")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise DictionaryFileError(f"{path}: a TopK CLT needs k (features kept per layer and token), an int >= 1; "
+                                      f"got k={k!r}")
+    elif arch is not None and arch not in ("jump_relu", "jumprelu"):
+        raise DictionaryFileError(f"{path}: architecture={arch!r} is not supported; Gemma Scope 2 releases "
+                                  "'jump_relu' dictionaries only (and this toolkit's TopK CLTs are type 'clt')")
+    elif "k" in config:
+        raise DictionaryFileError(f"{path}: k={config['k']!r} is for TopK CLTs (architecture 'topk', type 'clt'); "
+                                  "remove it")
+    if kind is not None and kind not in TYPES:
+        raise DictionaryFileError(f"{path}: type={kind!r} is unknown; expected one of {list(TYPES)}")
+    if kind == "crosscoder":
+        raise DictionaryFileError(f"{path}: type='crosscoder' (several layers' residual streams in, every one out) "
+                                  "is refused: no published reference (Google's release notes or code, SAELens, "
+                                  "circuit-tracer) fixes how its per-layer tensors combine, and this toolkit does "
+                                  "not guess. Use the single-layer SAEs or the CLT of the same release")
+    return kind
+
+
+__all__ = ["DictionaryFileError", "hf_hook", "read_tensors", "read_json", "check_config", "CONFIG_KEYS", "TYPES"]

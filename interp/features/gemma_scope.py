@@ -20,17 +20,13 @@ from typing import Any
 
 import torch
 
+from .clt import CrossLayerTranscoder
 from .clt_files import LAYER_FILE, load_clt
 from .dictionary import Dictionary, JumpReLUSAE, Transcoder
-from .files import DictionaryFileError, hf_hook, read_json, read_tensors
+from .files import DictionaryFileError, check_config, hf_hook, read_json, read_tensors
 
 GEMMA_SCOPE_FILES = ("params.safetensors", "params.npz")
 GEMMA_SCOPE_PATTERNS = (*GEMMA_SCOPE_FILES, "params_layer_*.safetensors", "config.json")
-CONFIG_KEYS = ("hf_hook_point_in", "hf_hook_point_out", "width", "model_name", "architecture", "l0",
-               "affine_connection", "type", "hook_point", "site", "k")
-TYPES = ("sae", "transcoder", "clt", "crosscoder")
-
-
 def _is_clt_folder(path: Path) -> bool:
     return path.is_dir() and any(LAYER_FILE.match(p.name) for p in path.iterdir())
 
@@ -43,39 +39,6 @@ def is_gemma_scope(path: Path) -> bool:
     return any((path / f).is_file() for f in GEMMA_SCOPE_FILES) or _is_clt_folder(path)
 
 
-def check_config(config: dict[str, Any], path: Path) -> str | None:
-    """Refuse a Gemma Scope 2 ``config.json`` setting this reader does not apply; return its ``type``.
-
-    >>> check_config({"type": "clt", "architecture": "jump_relu", "width": 262080}, Path("config.json"))
-    'clt'
-    """
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise DictionaryFileError(f"{path}: unknown setting(s) {unknown}; this reader applies {list(CONFIG_KEYS)}. "
-                                  "Remove the key if it does not change the math, or ask for it to be supported")
-    arch = config.get("architecture")
-    kind = config.get("type")
-    if arch == "topk" and kind == "clt":  # a TopK CLT this toolkit trained and saved (CrossLayerTranscoder.save)
-        k = config.get("k")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise DictionaryFileError(f"{path}: a TopK CLT needs k (features kept per layer and token), an int >= 1; "
-                                      f"got k={k!r}")
-    elif arch is not None and arch not in ("jump_relu", "jumprelu"):
-        raise DictionaryFileError(f"{path}: architecture={arch!r} is not supported; Gemma Scope 2 releases "
-                                  "'jump_relu' dictionaries only (and this toolkit's TopK CLTs are type 'clt')")
-    elif "k" in config:
-        raise DictionaryFileError(f"{path}: k={config['k']!r} is for TopK CLTs (architecture 'topk', type 'clt'); "
-                                  "remove it")
-    if kind is not None and kind not in TYPES:
-        raise DictionaryFileError(f"{path}: type={kind!r} is unknown; expected one of {list(TYPES)}")
-    if kind == "crosscoder":
-        raise DictionaryFileError(f"{path}: type='crosscoder' (several layers' residual streams in, every one out) "
-                                  "is refused: no published reference (Google's release notes or code, SAELens, "
-                                  "circuit-tracer) fixes how its per-layer tensors combine, and this toolkit does "
-                                  "not guess. Use the single-layer SAEs or the CLT of the same release")
-    return kind
-
-
 def load_gemma_scope(path: Path, *, lazy: bool = True) -> Any:
     """Read one Gemma Scope folder (or its params file, with the ``config.json`` beside it): a
     :class:`Dictionary`, or for a CLT folder a :class:`CrossLayerTranscoder` (``lazy``: memory-mapped)."""
@@ -83,7 +46,7 @@ def load_gemma_scope(path: Path, *, lazy: bool = True) -> Any:
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     kind = check_config(config, folder / "config.json")
     if kind == "clt" or (kind is None and _is_clt_folder(folder) and path.is_dir()):
-        return load_clt(folder, config, lazy=lazy)
+        return load_clt(CrossLayerTranscoder, folder, config, lazy=lazy)
     files = [path] if path.is_file() else [folder / f for f in GEMMA_SCOPE_FILES if (folder / f).is_file()]
     if not files:
         raise DictionaryFileError(f"{path} holds no Gemma Scope dictionary: expected one of {GEMMA_SCOPE_FILES}"
@@ -127,4 +90,4 @@ def _from_gemma_scope(tensors: dict[str, torch.Tensor], config: dict[str, Any], 
     return JumpReLUSAE(t["w_enc"], t["w_dec"], t["b_enc"], t["b_dec"], threshold=t["threshold"], site=site_in)
 
 
-__all__ = ["GEMMA_SCOPE_FILES", "GEMMA_SCOPE_PATTERNS", "is_gemma_scope", "load_gemma_scope", "check_config"]
+__all__ = ["GEMMA_SCOPE_FILES", "GEMMA_SCOPE_PATTERNS", "is_gemma_scope", "load_gemma_scope"]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..hooks import NonFiniteError
+from .clt_files import SITE_IN, SITE_OUT
 
 
 class TrainingError(ValueError):
@@ -20,14 +21,14 @@ class TrainingError(ValueError):
 
 
 # ---------------------------------------------------------------------- randomness
-def _seed(seed: int, *parts: Any) -> int:
+def derived_seed(seed: int, *parts: Any) -> int:
     """A 63-bit seed for one purpose (``"init"``, ``("data", epoch)``), derived from ``seed``."""
     h = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
 
 
-def _generator(seed: int, *parts: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(seed, *parts))
+def seeded_generator(seed: int, *parts: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(derived_seed(seed, *parts))
 
 
 # ---------------------------------------------------------------------- sources
@@ -39,7 +40,7 @@ def _where_non_finite(x: torch.Tensor, what: str) -> str:
     return f"{what} holds {value} at {at} ({int(bad.sum())} non-finite values in all)"
 
 
-class _Source:
+class Source:
     """Full training batches ``(x, y)`` (``y`` None for an SAE), float32, on the device."""
 
     transcoder: bool
@@ -66,7 +67,7 @@ def _fingerprint(x: torch.Tensor) -> str:
     return hashlib.sha256(json.dumps([list(x.shape), str(x.dtype)]).encode() + sample).hexdigest()
 
 
-class _TensorSource(_Source):
+class TensorSource(Source):
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None):
         for name, t in (("x_in" if y is not None else "x", x), ("x_out", y)):
             if t is None:
@@ -96,14 +97,14 @@ class _TensorSource(_Source):
         return out
 
     def epoch(self, epoch, batch_size, seed, device):
-        perm = torch.randperm(self.n, generator=_generator(seed, "data", epoch)).to(self.x.device)
+        perm = torch.randperm(self.n, generator=seeded_generator(seed, "data", epoch)).to(self.x.device)
         for i in range(0, self.n - batch_size + 1, batch_size):
             idx = perm[i:i + batch_size]
             x = self.x[idx].to(device=device, dtype=torch.float32)
             yield x, (None if self.y is None else self.y[idx].to(device=device, dtype=torch.float32))
 
 
-class _StoreSource(_Source):
+class StoreSource(Source):
     def __init__(self, store: Any, sites: list[Any]):
         for s in sites:
             if not isinstance(s, str):
@@ -126,7 +127,7 @@ class _StoreSource(_Source):
         return {"type": "store", "sites": self.sites, "manifest": manifest, "n_tokens": self.n}
 
     def epoch(self, epoch, batch_size, seed, device):
-        s = _seed(seed, "data", epoch)
+        s = derived_seed(seed, "data", epoch)
         streams = [self.store.batches(site, batch_size, shuffle=True, seed=s, dtype=torch.float32)
                    for site in self.sites]
         for b, parts in enumerate(zip(*streams)):
@@ -142,29 +143,28 @@ class _StoreSource(_Source):
             yield out[0], (out[1] if self.transcoder else None)
 
 
-def _source(source: Any) -> _Source:
+def make_source(source: Any) -> Source:
     from ..data import ActivationStore
 
     if isinstance(source, torch.Tensor):
-        return _TensorSource(source, None)
+        return TensorSource(source, None)
     if isinstance(source, (tuple, list)) and source and isinstance(source[0], ActivationStore):
         if len(source) not in (2, 3):
             raise TrainingError(f"a store source is (store, site) or (store, site_in, site_out); got {len(source)} "
                                 "items")
-        return _StoreSource(source[0], list(source[1:]))
+        return StoreSource(source[0], list(source[1:]))
     if isinstance(source, (tuple, list)) and source and all(isinstance(t, torch.Tensor) for t in source):
         if len(source) != 2:
             raise TrainingError(f"a tensor pair is (x_in, x_out) for a transcoder; got {len(source)} tensors")
-        return _TensorSource(source[0], source[1])
+        return TensorSource(source[0], source[1])
     raise TypeError("source must be (ActivationStore, site), (ActivationStore, site_in, site_out), a tensor "
                     f"[n, d_in] or a pair of tensors (x_in, x_out); got {type(source).__name__}")
 
 
 # ---------------------------------------------------------------------- cross-layer transcoders
-CLT_SITE_IN, CLT_SITE_OUT = "blocks.{layer}.pre_mlp_norm", "blocks.{layer}.post_mlp_norm"
 
 
-class _CLTSource(_Source):
+class CLTSource(Source):
     """Every layer's MLP input and output, read in step: batches ``(x [B, L, d], y [B, L, d])``."""
 
     def _check_widths(self, d_in: list[int], d_out: list[int], names_in: list[str], names_out: list[str]) -> None:
@@ -175,7 +175,7 @@ class _CLTSource(_Source):
         self.d_in = self.d_out = d_in[0]
 
 
-class _CLTTensorSource(_CLTSource):
+class CLTTensorSource(CLTSource):
     def __init__(self, xs: list[torch.Tensor], ys: list[torch.Tensor]):
         if len(xs) != len(ys) or not xs:
             raise TrainingError(f"a CLT's tensor source is (inputs, outputs), one tensor per layer in each list; got "
@@ -200,29 +200,29 @@ class _CLTTensorSource(_CLTSource):
         self.transcoder = True
         self.n_layers, self.n = len(xs), xs[0].shape[0]
         self.device = xs[0].device
-        self.site, self.site_out = CLT_SITE_IN, CLT_SITE_OUT
+        self.site, self.site_out = SITE_IN, SITE_OUT
 
     def describe(self) -> dict[str, Any]:
         return {"type": "clt tensors", "inputs": [_fingerprint(x) for x in self.xs],
                 "outputs": [_fingerprint(y) for y in self.ys], "shape": [self.n, self.n_layers, self.d_in]}
 
     def epoch(self, epoch, batch_size, seed, device):
-        perm = torch.randperm(self.n, generator=_generator(seed, "data", epoch)).to(self.device)
+        perm = torch.randperm(self.n, generator=seeded_generator(seed, "data", epoch)).to(self.device)
         for i in range(0, self.n - batch_size + 1, batch_size):
             idx = perm[i:i + batch_size]
             yield (torch.stack([x[idx] for x in self.xs], 1).to(device=device, dtype=torch.float32),
                    torch.stack([y[idx] for y in self.ys], 1).to(device=device, dtype=torch.float32))
 
 
-class _CLTStoreSource(_CLTSource):
+class CLTStoreSource(CLTSource):
     def __init__(self, store: Any):
         sites = store.manifest["sites"]
         layers = sorted({int(n.split(".")[1]) for n in sites if n.startswith("blocks.") and n.split(".")[1].isdigit()
                          and n.endswith((".pre_mlp_norm", ".post_mlp_norm"))})
         config_layers = store.manifest.get("model", {}).get("config", {}).get("n_layers")
         n = int(config_layers) if isinstance(config_layers, int) else (max(layers) + 1 if layers else 0)
-        self.sites_in = [CLT_SITE_IN.format(layer=i) for i in range(n)]
-        self.sites_out = [CLT_SITE_OUT.format(layer=i) for i in range(n)]
+        self.sites_in = [SITE_IN.format(layer=i) for i in range(n)]
+        self.sites_out = [SITE_OUT.format(layer=i) for i in range(n)]
         missing = [s for s in self.sites_in + self.sites_out if s not in sites]
         if not n or missing:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
@@ -239,14 +239,14 @@ class _CLTStoreSource(_CLTSource):
         if self.n < 1:
             raise TrainingError(f"the store at {store.path} holds no tokens")
         self.device = torch.device("cpu")
-        self.site, self.site_out = CLT_SITE_IN, CLT_SITE_OUT
+        self.site, self.site_out = SITE_IN, SITE_OUT
 
     def describe(self) -> dict[str, Any]:
         manifest = hashlib.sha256(json.dumps(self.store.manifest, sort_keys=True).encode()).hexdigest()
         return {"type": "clt store", "layers": self.n_layers, "manifest": manifest, "n_tokens": self.n}
 
     def epoch(self, epoch, batch_size, seed, device):
-        s = _seed(seed, "data", epoch)
+        s = derived_seed(seed, "data", epoch)
         sites = self.sites_in + self.sites_out
         streams = [self.store.batches(site, batch_size, shuffle=True, seed=s, dtype=torch.float32) for site in sites]
         for b, parts in enumerate(zip(*streams)):
@@ -263,14 +263,14 @@ class _CLTStoreSource(_CLTSource):
             yield torch.stack(out[:L], 1).to(device), torch.stack(out[L:], 1).to(device)
 
 
-def _clt_source(source: Any) -> _CLTSource:
+def make_clt_source(source: Any) -> CLTSource:
     from ..data import ActivationStore
 
     if isinstance(source, ActivationStore):
-        return _CLTStoreSource(source)
+        return CLTStoreSource(source)
     if (isinstance(source, (tuple, list)) and len(source) == 2 and all(isinstance(s, (tuple, list)) for s in source)
             and all(isinstance(t, torch.Tensor) for s in source for t in s)):
-        return _CLTTensorSource(list(source[0]), list(source[1]))
+        return CLTTensorSource(list(source[0]), list(source[1]))
     raise TypeError("a CLT's source is an ActivationStore holding every layer's blocks.L.pre_mlp_norm and "
                     "blocks.L.post_mlp_norm, or (inputs, outputs): two lists with one [n, d_model] tensor per layer; "
                     f"got {type(source).__name__}")

@@ -11,7 +11,7 @@ import torch
 
 from ..hooks import NonFiniteError
 from .dictionary import Dictionary, JumpReLUSAE, TopKSAE, Transcoder
-from .sources import TrainingError, _generator, _Source
+from .sources import Source, TrainingError, seeded_generator
 
 
 @dataclass
@@ -70,7 +70,7 @@ class TrainingLog:
 
 
 # ---------------------------------------------------------------------- the JumpReLU estimators
-class _Step(torch.autograd.Function):
+class StepFunction(torch.autograd.Function):
     """``H(pre - threshold)``; d/d threshold = -(1/bandwidth) rect((pre - threshold)/bandwidth), d/d pre = 0."""
 
     @staticmethod
@@ -86,7 +86,7 @@ class _Step(torch.autograd.Function):
         return None, -(grad * kernel).reshape(-1, pre.shape[-1]).sum(0), None
 
 
-class _JumpReLU(torch.autograd.Function):
+class JumpReLUFunction(torch.autograd.Function):
     """``pre * H(pre - threshold)``; d/d pre = H, d/d threshold = -(threshold/bandwidth) rect(...)."""
 
     @staticmethod
@@ -105,12 +105,12 @@ class _JumpReLU(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------- the trainer
-class _Trainer:
+class Trainer:
     """Parameters (on the normalised data), Adam, dead-feature counters and the log window."""
 
     NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
 
-    def __init__(self, s: dict[str, Any], src: _Source, device: torch.device):
+    def __init__(self, s: dict[str, Any], src: Source, device: torch.device):
         self.s, self.src, self.device = s, src, device
         self.kind, self.transcoder = s["kind"], src.transcoder
         self.names = list(self.NAMES) + (["log_threshold"] if self.kind == "jumprelu" else []) + (
@@ -142,7 +142,7 @@ class _Trainer:
         if s["normalize"]:
             self.scale_in = (src.d_in / x.pow(2).sum(-1).mean()).sqrt()
             self.scale_out = (src.d_out / y.pow(2).sum(-1).mean()).sqrt() if self.transcoder else self.scale_in
-        gen = _generator(s["seed"], "init")
+        gen = seeded_generator(s["seed"], "init")
         d_sae, d_in, d_out = s["d_sae"], src.d_in, src.d_out
         w_dec = torch.randn(d_sae, d_out, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
@@ -171,8 +171,8 @@ class _Trainer:
         out: dict[str, torch.Tensor] = {"pre": pre}
         if self.kind == "jumprelu":
             threshold = P["log_threshold"].exp()
-            acts = _JumpReLU.apply(pre, threshold, s["bandwidth"])
-            out["l0"] = _Step.apply(pre, threshold, s["bandwidth"]).sum(-1).mean()
+            acts = JumpReLUFunction.apply(pre, threshold, s["bandwidth"])
+            out["l0"] = StepFunction.apply(pre, threshold, s["bandwidth"]).sum(-1).mean()
         else:
             values, idx = pre.topk(s["k"], dim=-1)
             acts = torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))

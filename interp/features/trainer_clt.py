@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from .clt import CrossLayerTranscoder
-from .sources import TrainingError, _CLTSource, _generator
-from .trainer import _JumpReLU, _Trainer
+from .sources import CLTSource, TrainingError, seeded_generator
+from .trainer import JumpReLUFunction, Trainer
 
 
-class _CLTTrainer(_Trainer):
+class CLTTrainer(Trainer):
     """Parameters (normalised units): ``W_enc [L, d, w]``, ``b_enc [L, w]``, ``log_threshold [L, w]``
     (JumpReLU), ``W_dec.i [w, L - i, d]`` for each layer ``i``, ``b_dec [L, d]``, ``W_skip [L, d, d]``
     (``skip=True``); one input and one output scale per layer."""
 
-    def __init__(self, s: dict[str, Any], src: _CLTSource, device: torch.device):
+    def __init__(self, s: dict[str, Any], src: CLTSource, device: torch.device):
         super().__init__(s, src, device)
         self.kind = s["activation"]  # the shared code's "jumprelu" / "topk" branches
         self.L, self.w, self.d = src.n_layers, s["d_sae"], src.d_in
@@ -58,7 +58,7 @@ class _CLTTrainer(_Trainer):
                                     "train on (check what was harvested)")
         if s["normalize"]:
             self.scale_in, self.scale_out = (d / ms_x).sqrt(), (d / ms_y).sqrt()
-        gen = _generator(s["seed"], "init")
+        gen = seeded_generator(s["seed"], "init")
         w_enc = torch.randn(L, d, w, generator=gen)
         w_enc /= w_enc.norm(dim=1, keepdim=True)
         P: dict[str, torch.Tensor] = {"W_enc": w_enc, "b_enc": torch.zeros(L, w),
@@ -93,7 +93,7 @@ class _CLTTrainer(_Trainer):
         out: dict[str, torch.Tensor] = {"pre": pre}
         if self.kind == "jumprelu":
             threshold = P["log_threshold"].exp()
-            acts = _JumpReLU.apply(pre.reshape(B, -1), threshold.reshape(-1), s["bandwidth"]).reshape(pre.shape)
+            acts = JumpReLUFunction.apply(pre.reshape(B, -1), threshold.reshape(-1), s["bandwidth"]).reshape(pre.shape)
         else:
             values, idx = pre.topk(s["k"], dim=-1)
             acts = torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))

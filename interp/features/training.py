@@ -123,12 +123,13 @@ from typing import Any, Literal, overload
 import torch
 
 from ..atomic import atomic_write
+from ..model.memory import available_memory, format_bytes
 from ..progress import progress_bar
 from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
-from .sources import TrainingError, _clt_source, _seed, _Source, _source
-from .trainer import TrainingLog, _Trainer
-from .trainer_clt import _CLTTrainer
+from .sources import Source, TrainingError, derived_seed, make_clt_source, make_source
+from .trainer import Trainer, TrainingLog
+from .trainer_clt import CLTTrainer
 
 FORMAT = "interp-train-1"
 STATE_FILE = "train.json"
@@ -175,7 +176,7 @@ def _activation(kind: str, options: dict[str, Any]) -> str:
     return "topk" if options.get("k") is not None else "jumprelu"
 
 
-def _settings(kind: Any, d_sae: Any, steps: Any, seed: Any, src: _Source, options: dict[str, Any]) -> dict[str, Any]:
+def _settings(kind: Any, d_sae: Any, steps: Any, seed: Any, src: Source, options: dict[str, Any]) -> dict[str, Any]:
     if kind not in KINDS:
         raise TrainingError(f"unknown kind {kind!r}; train knows {', '.join(repr(k) for k in KINDS)}")
     _check_int("d_sae", d_sae, 1)
@@ -245,7 +246,7 @@ def _settings(kind: Any, d_sae: Any, steps: Any, seed: Any, src: _Source, option
 
 
 # ---------------------------------------------------------------------- memory
-def _memory_needed(settings: dict[str, Any], src: _Source, d_sae: int) -> int:
+def _memory_needed(settings: dict[str, Any], src: Source, d_sae: int) -> int:
     """Bytes a run plans to hold: every parameter four times (itself, its gradient, Adam's two
     moments; float32) and one batch's tensors (inputs, targets, reconstruction, errors; the
     pre-activations, activations and their gradients), per layer for a CLT."""
@@ -261,11 +262,9 @@ def _memory_needed(settings: dict[str, Any], src: _Source, d_sae: int) -> int:
     return 4 * (4 * params + batch * per_row)
 
 
-def _check_memory(settings: dict[str, Any], src: _Source, device: torch.device) -> None:
+def _check_memory(settings: dict[str, Any], src: Source, device: torch.device) -> None:
     """Refuse a run whose parameters, optimiser state and batch would not fit in the device's free
     memory, naming the largest ``d_sae`` that would (at this ``batch_size``)."""
-    from ..model.runs import available_memory, format_bytes
-
     free = available_memory(device)
     if free is None:
         return
@@ -291,7 +290,7 @@ def _tensor_file(step: int) -> str:
     return f"train-{step:09d}.safetensors"
 
 
-def _save_checkpoint(folder: Path, settings: dict[str, Any], trainer: _Trainer, step: int) -> None:
+def _save_checkpoint(folder: Path, settings: dict[str, Any], trainer: Trainer, step: int) -> None:
     """Tensors first (a new file), then the JSON that points at them (replacing the old one), then
     the old tensor files: a kill at any moment leaves a complete, consistent checkpoint."""
     from safetensors.torch import save_file
@@ -304,7 +303,7 @@ def _save_checkpoint(folder: Path, settings: dict[str, Any], trainer: _Trainer, 
     per_epoch = trainer.src.n // settings["batch_size"]
     state = {"format": FORMAT, "settings": settings, "step": step, "batches_consumed": step,
              "stream": {"epoch": step // per_epoch, "batch": step % per_epoch, "batches_per_epoch": per_epoch,
-                        "data_seed": _seed(settings["seed"], "data", step // per_epoch)},
+                        "data_seed": derived_seed(settings["seed"], "data", step // per_epoch)},
              "tensors": name, "records": trainer.records}
     text = json.dumps(state, indent=1)
     atomic_write(folder / STATE_FILE, lambda p: p.write_text(text, encoding="utf-8"))
@@ -389,7 +388,7 @@ def train(source: Any, kind: str = "jumprelu", *, d_sae: int, steps: int, seed: 
     and :class:`~interp.hooks.NonFiniteError` for NaN or inf in the data (naming where) or a
     diverging run.
     """
-    src = _clt_source(source) if kind == "clt" else _source(source)
+    src = make_clt_source(source) if kind == "clt" else make_source(source)
     settings = _settings(kind, d_sae, steps, seed, src, options)
     dev = torch.device(device) if device is not None else src.device
     _check_memory(settings, src, dev)
@@ -398,7 +397,7 @@ def train(source: Any, kind: str = "jumprelu", *, d_sae: int, steps: int, seed: 
         if checkpoint_dir is None:
             raise TrainingError("checkpoint_every needs checkpoint_dir")
     every = checkpoint_every or max(1, steps // 10)
-    trainer = _CLTTrainer(settings, src, dev) if kind == "clt" else _Trainer(settings, src, dev)  # type: ignore[arg-type]
+    trainer = CLTTrainer(settings, src, dev) if kind == "clt" else Trainer(settings, src, dev)  # type: ignore[arg-type]
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     loaded = _load_checkpoint(folder, settings) if folder is not None else None
     start = 0

@@ -113,12 +113,12 @@ def test_step_and_jumprelu_pseudo_derivatives():
     eps = 0.1
     z = torch.tensor([[0.46, 0.52, 0.9, -1.0], [0.54, 0.2, 1.02, 0.0]], requires_grad=True)
     t = torch.tensor([0.5, 0.5, 1.0, 0.0], requires_grad=True)
-    R._Step.apply(z, t, eps).sum().backward()
+    R.StepFunction.apply(z, t, eps).sum().backward()
     # inside the window (|z - t| < eps/2): (0,0) 0.04, (0,1) 0.02, (1,0) 0.04, (1,2) 0.02, (1,3) 0.0
     assert torch.allclose(t.grad, torch.tensor([-2 / eps, -1 / eps, -1 / eps, -1 / eps]))
     assert z.grad is None or not z.grad.any()
     z.grad = t.grad = None
-    out = R._JumpReLU.apply(z, t, eps)
+    out = R.JumpReLUFunction.apply(z, t, eps)
     assert torch.equal(out.detach(), torch.tensor([[0.0, 0.52, 0.0, 0.0], [0.54, 0.0, 1.02, 0.0]]))
     out.sum().backward()
     assert torch.equal(z.grad, torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]]))
@@ -200,8 +200,8 @@ def test_checkpoints_do_not_change_the_result_and_hold_no_pickle(tmp_path, refer
 def test_a_finished_run_reruns_from_its_checkpoint_without_training(tmp_path, reference, monkeypatch):
     tw.run(tmp_path / "ck")
     calls = []
-    step = T._Trainer.step
-    monkeypatch.setattr(T._Trainer, "step", lambda self, *a: (calls.append(a[0]), step(self, *a))[1])
+    step = T.Trainer.step
+    monkeypatch.setattr(T.Trainer, "step", lambda self, *a: (calls.append(a[0]), step(self, *a))[1])
     again = tw.run(tmp_path / "ck")
     assert calls == []
     assert_identical(again, reference)
@@ -230,8 +230,8 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, reference, monkeypatch):
     assert 10 <= state["step"] < 60 and state["step"] % tw.CHECKPOINT_EVERY == 0
     done = state["step"]
     calls = []
-    step = T._Trainer.step
-    monkeypatch.setattr(T._Trainer, "step", lambda self, *a: (calls.append(a[0]), step(self, *a))[1])
+    step = T.Trainer.step
+    monkeypatch.setattr(T.Trainer, "step", lambda self, *a: (calls.append(a[0]), step(self, *a))[1])
     resumed = tw.run(folder)
     assert calls == list(range(done, 60))  # resumed where the checkpoint was, not from the start
     assert_identical(resumed, reference)
@@ -249,18 +249,18 @@ def test_an_interrupted_transcoder_run_resumes_bit_for_bit(tmp_path, monkeypatch
     reference = train((x, y), "topk", **settings)
     assert isinstance(reference, Transcoder) and reference.W_skip is not None and reference.k == 3
     assert max(reference.training_log.dead) > 0  # AuxK was in play
-    step = T._Trainer.step
+    step = T.Trainer.step
 
     def interrupted(self, t, *a):
         if t == 27:
             raise KeyboardInterrupt
         return step(self, t, *a)
 
-    monkeypatch.setattr(T._Trainer, "step", interrupted)
+    monkeypatch.setattr(T.Trainer, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train((x, y), "topk", checkpoint_dir=tmp_path / "ck", checkpoint_every=7, **settings)
     assert _checkpoint_state(tmp_path / "ck")["step"] == 21  # the 20 batches of epoch 0, then 1 of epoch 1
-    monkeypatch.setattr(T._Trainer, "step", step)
+    monkeypatch.setattr(T.Trainer, "step", step)
     resumed = train((x, y), "topk", checkpoint_dir=tmp_path / "ck", checkpoint_every=7, **settings)
     assert_identical(resumed, reference)
 
@@ -385,7 +385,7 @@ def test_store_training_is_seeded_and_batches_stay_aligned(store):
     assert not torch.equal(a.W_dec, c.W_dec)
     # the (input, output) batches a transcoder trains on are rows of the same tokens
     x_in, x_out = _all(store, SITE_IN), _all(store, SITE_OUT)
-    src = T._source((store, SITE_IN, SITE_OUT))
+    src = T.make_source((store, SITE_IN, SITE_OUT))
     xb, yb = next(src.epoch(0, 64, 4, torch.device("cpu")))
     rows = [int((x_in == r).all(-1).nonzero()[0]) for r in xb[:8]]
     assert torch.equal(x_out[rows], yb[:8])
@@ -482,17 +482,17 @@ def test_a_checkpoint_from_before_the_l0_controller_resumes_bit_for_bit(tmp_path
     x, _ = tw.planted(n=320, d=16, m=24, seed=6)
     settings = dict(d_sae=32, steps=20, batch_size=32, lr=5e-3, k=3, progress=False)
     reference = train(x, "topk", **settings)
-    step = T._Trainer.step
+    step = T.Trainer.step
 
     def interrupted(self, t, *a):
         if t == 13:
             raise KeyboardInterrupt
         return step(self, t, *a)
 
-    monkeypatch.setattr(T._Trainer, "step", interrupted)
+    monkeypatch.setattr(T.Trainer, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(x, "topk", checkpoint_dir=tmp_path / "ck", checkpoint_every=5, **settings)
-    monkeypatch.setattr(T._Trainer, "step", step)
+    monkeypatch.setattr(T.Trainer, "step", step)
     for f in (tmp_path / "ck").glob("train-*.safetensors"):  # as the old trainer wrote them
         with safe_open(str(f), "pt") as handle:
             meta = handle.metadata()

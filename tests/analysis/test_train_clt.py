@@ -119,8 +119,8 @@ def test_the_penalty_weights_activations_by_the_concatenated_decoder_norm(plante
     """The loss's penalty term is sum tanh(c * ||W_dec_f|| * f) with the norm over every output the
     feature writes, concatenated (checked against a hand computation on one batch)."""
     xs, ys, _ = planted
-    settings = T._settings("clt", 8, 10, 0, T._clt_source((xs, ys)), {"batch_size": 64, "tanh_scale": 3.0})
-    trainer = C._CLTTrainer(settings, T._clt_source((xs, ys)), torch.device("cpu"))
+    settings = T._settings("clt", 8, 10, 0, T.make_clt_source((xs, ys)), {"batch_size": 64, "tanh_scale": 3.0})
+    trainer = C.CLTTrainer(settings, T.make_clt_source((xs, ys)), torch.device("cpu"))
     trainer.initialise()
     with torch.no_grad():
         for i in range(3):  # decoders of unequal norms, so the weighting shows
@@ -241,19 +241,19 @@ def test_an_interrupted_clt_run_resumes_bit_for_bit(planted, tmp_path, monkeypat
     reference = train((xs, ys), "clt", **settings)
     if options:
         assert max(reference.training_log.dead) > 0 and max(reference.training_log.aux_loss) > 0  # AuxK in play
-    step = C._CLTTrainer.step
+    step = C.CLTTrainer.step
 
     def interrupted(self, t, *a):
         if t == 27:
             raise KeyboardInterrupt
         return step(self, t, *a)
 
-    monkeypatch.setattr(C._CLTTrainer, "step", interrupted)
+    monkeypatch.setattr(C.CLTTrainer, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train((xs, ys), "clt", checkpoint_dir=tmp_path / "ck", checkpoint_every=7, **settings)
     assert json.loads((tmp_path / "ck" / "train.json").read_text())["step"] == 21
     calls = []
-    monkeypatch.setattr(C._CLTTrainer, "step", lambda self, t, *a: (calls.append(t), step(self, t, *a))[1])
+    monkeypatch.setattr(C.CLTTrainer, "step", lambda self, t, *a: (calls.append(t), step(self, t, *a))[1])
     resumed = train((xs, ys), "clt", checkpoint_dir=tmp_path / "ck", checkpoint_every=7, **settings)
     assert calls == list(range(21, 40))
     assert_identical(resumed, reference)
@@ -282,8 +282,8 @@ def test_a_killed_clt_run_resumes_bit_for_bit(tmp_path, reference, monkeypatch):
     done = json.loads((folder / "train.json").read_text())["step"]
     assert 10 <= done < 60 and done % tw.CHECKPOINT_EVERY == 0
     calls = []
-    step = C._CLTTrainer.step
-    monkeypatch.setattr(C._CLTTrainer, "step", lambda self, t, *a: (calls.append(t), step(self, t, *a))[1])
+    step = C.CLTTrainer.step
+    monkeypatch.setattr(C.CLTTrainer, "step", lambda self, t, *a: (calls.append(t), step(self, t, *a))[1])
     resumed = tw.run_clt(folder)
     assert calls == list(range(done, 60))
     assert_identical(resumed, reference)
@@ -313,14 +313,14 @@ def test_the_log_progress_bar_and_warnings(planted, capsys):
 # ---------------------------------------------------------------------- memory
 def test_a_run_that_would_not_fit_is_refused_naming_what_fits(planted, monkeypatch):
     xs, ys = [x[:512] for x in planted[0]], [y[:512] for y in planted[1]]
-    monkeypatch.setattr("interp.model.runs.available_memory", lambda device: 2_000_000)
+    monkeypatch.setattr("interp.features.training.available_memory", lambda device: 2_000_000)
     with pytest.raises(TrainingError, match=r"a CLT of 4,096 features per layer over 3 layers needs about .* "
                                             r"of the 1.9 MiB free: d_sae=(\d+) fits at batch_size=64") as e:
         train((xs, ys), "clt", d_sae=4096, steps=5, batch_size=64, progress=False)
     fits = int(str(e.value).split("d_sae=")[1].split(" ")[0].replace(",", ""))
-    settings = T._settings("clt", fits, 5, 0, T._clt_source((xs, ys)), {"batch_size": 64})
-    assert T._memory_needed(settings, T._clt_source((xs, ys)), fits) <= 0.8 * 2_000_000
-    assert T._memory_needed(settings, T._clt_source((xs, ys)), fits + 1) > 0.8 * 2_000_000
+    settings = T._settings("clt", fits, 5, 0, T.make_clt_source((xs, ys)), {"batch_size": 64})
+    assert T._memory_needed(settings, T.make_clt_source((xs, ys)), fits) <= 0.8 * 2_000_000
+    assert T._memory_needed(settings, T.make_clt_source((xs, ys)), fits + 1) > 0.8 * 2_000_000
     train((xs, ys), "clt", d_sae=fits, steps=2, batch_size=64, progress=False)  # the suggestion runs
     with pytest.raises(TrainingError, match=r"training 100,000 features needs about .*: d_sae=\d+ fits"):
         train(xs[0], "topk", d_sae=100_000, steps=2, batch_size=64, k=2)  # every kind is checked

@@ -95,17 +95,17 @@ def test_the_controller_state_is_checkpointed_and_resumes_bit_for_bit(tmp_path, 
         warnings.simplefilter("ignore")  # 60 steps are too few to reach the target; that warns
         reference = train(x, "jumprelu", **settings)
         assert reference.training_log.sparsity_coefficient[-1] != 1.0
-        step = T._Trainer.step
+        step = T.Trainer.step
 
         def crash(self, t, *a):
             if t == 35:
                 raise KeyboardInterrupt
             return step(self, t, *a)
 
-        monkeypatch.setattr(T._Trainer, "step", crash)
+        monkeypatch.setattr(T.Trainer, "step", crash)
         with pytest.raises(KeyboardInterrupt):
             train(x, "jumprelu", checkpoint_dir=tmp_path, checkpoint_every=10, **settings)
-        monkeypatch.setattr(T._Trainer, "step", step)
+        monkeypatch.setattr(T.Trainer, "step", step)
         resumed = train(x, "jumprelu", checkpoint_dir=tmp_path, checkpoint_every=10, **settings)
     assert torch.equal(resumed.threshold, reference.threshold) and torch.equal(resumed.W_dec, reference.W_dec)
     assert resumed.training_log.records == reference.training_log.records

@@ -97,7 +97,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)  # as the test process (conftest): the same arithmetic, bit for bit
     T = importlib.import_module("interp.features.training")
-    cls = importlib.import_module("interp.features.trainer_clt")._CLTTrainer if args.clt else T._Trainer
+    cls = importlib.import_module("interp.features.trainer_clt").CLTTrainer if args.clt else T.Trainer
     if args.sleep:
         step = cls.step
 
