@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .checks import is_int
 from .names import SiteNames
 from .positions import Positions, resolve_positions
 from .registry import NonFiniteError, Site
@@ -92,7 +93,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         if self._names is None:
             raise KeyError(f"({kind!r}, {layer!r}): this cache has no per-layer naming (layer_format); index it "
                            "by full site name")
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        if not is_int(layer) or layer < 0:
             raise KeyError(f"({kind!r}, {layer!r}): the layer must be an int >= 0")
         return self._names.join(layer, kind)
 

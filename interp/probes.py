@@ -38,6 +38,7 @@ import plotly.graph_objects as go
 import torch
 
 from .hooks import NonFiniteError
+from .hooks.checks import is_int
 from .plots import escape_token, line
 from .probe_fit import fit_logistic, fit_ridge, r2_score, split_rows
 from .tokens import Top, top_entries
@@ -166,7 +167,7 @@ def _store_features(store: Any, site: str, positions: int | str) -> torch.Tensor
         row = int((counts == 0).nonzero()[0])
         raise ProbeError(f"row {row} of the store has no harvested token (only padding) at {site}")
     if positions != "mean":
-        if isinstance(positions, bool) or not isinstance(positions, int):
+        if not is_int(positions):
             raise ProbeError(f"positions must be an int (a valid token of each row; -1 = the last) or 'mean', "
                              f"got {positions!r}")
         if positions >= 0:
@@ -264,7 +265,7 @@ def probe(source: Any, labels: Any, names: str | Sequence[str] | None = None, ki
         raise ProbeError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
     if not float(weight_decay) >= 0:
         raise ProbeError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ProbeError(f"steps must be a positive int, got {steps!r}")
     names, feats = _features(source, names, positions)
     S, n, d = feats.shape

@@ -28,6 +28,7 @@ import plotly.graph_objects as go
 import torch
 
 from .hooks import PositionError, Site, add, partial_run
+from .hooks.checks import is_int
 from .model import Gemma3
 from .model.finite import check_finite
 from .model.sites import kind_of
@@ -121,7 +122,7 @@ def site_activations(model: Gemma3, prompts: Sequence[Any], site: str, position:
     >>> site_activations(model, ["I love it", "So bad"], "blocks.6.resid_pre").shape   # doctest: +SKIP
     torch.Size([2, 640])
     """
-    if isinstance(position, bool) or not isinstance(position, int):
+    if not is_int(position):
         raise TypeError(f"position must be an int, got {type(position).__name__}")
     if isinstance(prompts, (str, torch.Tensor)) or not len(prompts):
         raise ValueError("prompts must be a non-empty list of prompts (texts or token ids)")

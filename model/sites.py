@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..hooks.checks import is_int
+
 if TYPE_CHECKING:
     from .config import Gemma3Config
 
@@ -188,7 +190,7 @@ def layer_site(kind: str, layer: int) -> str:
     >>> layer_site("resid_post", 3), layer_site("pattern", 0), layer_site("attn_out", 2)
     ('blocks.3.resid_post', 'blocks.0.attn.pattern', 'blocks.2.post_attn_norm')
     """
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+    if not is_int(layer) or layer < 0:
         raise KeyError(f"({kind!r}, {layer!r}): the layer must be an int >= 0 (layers count from 0; "
                        "cache.layers(kind)[-1] is the last one cached)")
     if not isinstance(kind, str):

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from ..hooks.checks import is_int
 from ..model.sites import split_site
 from .clt_files import SITE_IN, SITE_OUT, load_clt, mmap_tensors, save_clt
 from .dictionary import frozen_param
@@ -85,7 +86,7 @@ class CrossLayerTranscoder(nn.Module):
                 if t is not None and tuple(t.shape) != want[key]:
                     raise ValueError(f"layer {i}: {key} has shape {tuple(t.shape)}, expected {want[key]} "
                                      "(W_dec_i is [w_i, n_layers - i, d_model]: outputs from layer i on)")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(self.widths)):
+        if k is not None and (not is_int(k) or not 1 <= k <= min(self.widths)):
             raise ValueError(f"k (features kept per layer and token) must be an int in 1..{min(self.widths)} (the "
                              f"narrowest layer), got {k!r}")
         self.k = k
@@ -157,7 +158,7 @@ class CrossLayerTranscoder(nn.Module):
                 f"{topk}skip={self.has_skip}, {self.dtype}, {mode}, {self.site} -> {self.site_out})")
 
     def _check_layer(self, layer: int) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+        if not is_int(layer) or not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer!r} is outside the CLT's layers 0..{self.n_layers - 1}")
         return layer
 

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..hooks.checks import is_int
 from ..model import Gemma3
 from ..model.sites import block_site
 from .settings import Normalizer, Settings
@@ -221,7 +222,7 @@ class TopKSAE(Dictionary):
     def __init__(self, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | None = None,
                  b_dec: torch.Tensor | None = None, k: int = 32, **sites: Any):
         super().__init__(W_enc, W_dec, b_enc, b_dec, **sites)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.d_sae:
+        if not is_int(k) or not 1 <= k <= self.d_sae:
             raise ValueError(f"k must be an int in 1..{self.d_sae}, got {k!r}")
         self.k = k
 
@@ -256,7 +257,7 @@ class Transcoder(Dictionary):
         if k is not None and threshold is not None:
             raise ValueError("a transcoder fires by threshold (JumpReLU) or by k (TopK), not both")
         self.k = k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.d_sae):
+        if k is not None and (not is_int(k) or not 1 <= k <= self.d_sae):
             raise ValueError(f"k must be an int in 1..{self.d_sae}, got {k!r}")
         for bad in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
             if getattr(self.settings, bad):

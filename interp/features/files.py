@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..hooks.checks import is_int
+
 
 class DictionaryFileError(ValueError):
     """A dictionary file that cannot be read or does not fit the model."""
@@ -72,7 +74,7 @@ def check_config(config: dict[str, Any], path: Path) -> str | None:
     kind = config.get("type")
     if arch == "topk" and kind == "clt":  # a TopK CLT this toolkit trained and saved (CrossLayerTranscoder.save)
         k = config.get("k")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if not is_int(k) or k < 1:
             raise DictionaryFileError(f"{path}: a TopK CLT needs k (features kept per layer and token), an int >= 1; "
                                       f"got k={k!r}")
     elif arch is not None and arch not in ("jump_relu", "jumprelu"):

@@ -123,6 +123,7 @@ from typing import Any, Literal, overload
 import torch
 
 from ..atomic import atomic_write
+from ..hooks.checks import is_int, is_number
 from ..model.memory import available_memory, format_bytes
 from ..progress import progress_bar
 from .clt import CrossLayerTranscoder
@@ -157,13 +158,13 @@ DEFAULT_LR = {"jumprelu": 2e-3, "topk": 2e-4}
 
 # ---------------------------------------------------------------------- settings
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int(value) or value < low:
         raise TrainingError(f"{name} must be an int >= {low}, got {value!r}")
     return value
 
 
 def _check_float(name: str, value: Any, low: float, strict: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+    if not is_number(value) or not math.isfinite(value) or (
             value <= low if strict else value < low):
         raise TrainingError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
     return float(value)
@@ -229,11 +230,11 @@ def _settings(kind: Any, d_sae: Any, steps: Any, seed: Any, src: Source, options
         _check_float("initial_threshold", s["initial_threshold"], 0.0)
     else:
         k = s["k"] if s["k"] is not None else min(32, d_sae)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_sae:
+        if not is_int(k) or not 1 <= k <= d_sae:
             raise TrainingError(f"k must be an int in 1..d_sae={d_sae}, got {k!r}")
         s["k"] = k
         k_aux = s["k_aux"] if s["k_aux"] is not None else max(1, min(d_sae, src.d_in // 2))
-        if isinstance(k_aux, bool) or not isinstance(k_aux, int) or not 1 <= k_aux <= d_sae:
+        if not is_int(k_aux) or not 1 <= k_aux <= d_sae:
             raise TrainingError(f"k_aux must be an int in 1..d_sae={d_sae}, got {k_aux!r}")
         s["k_aux"] = k_aux
         _check_float("aux_coefficient", s["aux_coefficient"], 0.0, strict=False)
