@@ -240,13 +240,21 @@ class Trainer:
             self.opt.step()
             W_dec /= W_dec.norm(dim=-1, keepdim=True)
             fired = (f["acts"] > 0).any(0)
-            self.since_fired = torch.where(fired, 0, self.since_fired + x.shape[0])
+        self.account(t, fired, target, err, loss, mse, f["l0"], aux)
+
+    def account(self, t: int, fired: torch.Tensor, target: torch.Tensor, err: torch.Tensor, loss: torch.Tensor,
+                mse: torch.Tensor, l0: torch.Tensor, extra: torch.Tensor) -> None:
+        """After a step: the dead-feature counters (``fired [features]``), the log window (loss, MSE, L0,
+        explained variance of ``target`` given the error ``err``, the ``extra`` loss term) and the L0
+        controller."""
+        with torch.no_grad():
+            self.since_fired = torch.where(fired, 0, self.since_fired + target.shape[0])
             dev = target - target.mean(0)
             ev = 1 - err.pow(2).sum() / dev.pow(2).sum().clamp_min(1e-30)
-            self.window += torch.stack([loss.detach(), mse.detach(), f["l0"].detach(), ev, aux.detach(),
-                                        torch.ones((), device=x.device)]).to(torch.float64)
-        if self.kind == "jumprelu" and s["l0"] is not None:
-            self.control(t, float(f["l0"].detach()))
+            self.window += torch.stack([loss.detach(), mse.detach(), l0.detach(), ev, extra.detach(),
+                                        torch.ones((), device=target.device)]).to(torch.float64)
+        if self.kind == "jumprelu" and self.s["l0"] is not None:
+            self.control(t, float(l0.detach()))
 
     def record(self, t: int) -> dict[str, float]:
         w = self.window.tolist()

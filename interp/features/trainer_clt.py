@@ -142,13 +142,7 @@ class CLTTrainer(Trainer):
                 for W in decoders:
                     W /= W.flatten(1).norm(dim=1)[:, None, None]
             fired = (f["acts"] > 0).any(0).reshape(-1)
-            self.since_fired = torch.where(fired, 0, self.since_fired + x.shape[0])
-            dev = target - target.mean(0)
-            ev = 1 - err.pow(2).sum() / dev.pow(2).sum().clamp_min(1e-30)
-            self.window += torch.stack([loss.detach(), mse.detach(), f["l0"].detach(), ev, extra.detach(),
-                                        torch.ones((), device=x.device)]).to(torch.float64)
-        if self.kind == "jumprelu" and s["l0"] is not None:
-            self.control(t, float(f["l0"].detach()))
+        self.account(t, fired, target, err, loss, mse, f["l0"], extra)
 
     def record(self, t: int) -> dict[str, float]:
         penalty = float(self.window[4] / self.window[5])
