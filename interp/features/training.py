@@ -113,7 +113,6 @@ A CLT over three layers from per-layer tensors (an ``ActivationStore`` of a mode
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -122,18 +121,16 @@ from typing import Any, Literal, overload
 
 import torch
 
-from ..atomic import atomic_write
 from ..hooks.checks import is_int, is_number
 from ..model.memory import available_memory, format_bytes
 from ..progress import progress_bar
+from .checkpoints import FORMAT, load_checkpoint, save_checkpoint
 from .clt import CrossLayerTranscoder
 from .dictionary import Dictionary
-from .sources import Source, TrainingError, derived_seed, make_clt_source, make_source
+from .sources import Source, TrainingError, make_clt_source, make_source
 from .trainer import Trainer, TrainingLog
 from .trainer_clt import CLTTrainer
 
-FORMAT = "interp-train-1"
-STATE_FILE = "train.json"
 KINDS = ("jumprelu", "topk", "clt")
 
 COMMON = {"batch_size": 4096, "lr": None, "betas": None, "lr_warmup_steps": 0, "lr_decay_steps": 0,
@@ -286,74 +283,6 @@ def _check_memory(settings: dict[str, Any], src: Source, device: torch.device) -
                         f"{fits}, or lower batch_size, or train on a device with more memory")
 
 
-# ---------------------------------------------------------------------- checkpoints
-def _tensor_file(step: int) -> str:
-    return f"train-{step:09d}.safetensors"
-
-
-def _save_checkpoint(folder: Path, settings: dict[str, Any], trainer: Trainer, step: int) -> None:
-    """Tensors first (a new file), then the JSON that points at them (replacing the old one), then
-    the old tensor files: a kill at any moment leaves a complete, consistent checkpoint."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    name = _tensor_file(step)
-    tensors = trainer.tensors()
-    atomic_write(folder / name, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT,
-                                                                                 "step": str(step)}))
-    per_epoch = trainer.src.n // settings["batch_size"]
-    state = {"format": FORMAT, "settings": settings, "step": step, "batches_consumed": step,
-             "stream": {"epoch": step // per_epoch, "batch": step % per_epoch, "batches_per_epoch": per_epoch,
-                        "data_seed": derived_seed(settings["seed"], "data", step // per_epoch)},
-             "tensors": name, "records": trainer.records}
-    text = json.dumps(state, indent=1)
-    atomic_write(folder / STATE_FILE, lambda p: p.write_text(text, encoding="utf-8"))
-    for old in folder.glob("train-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix[:-1]} ({old!r} there, {new!r} now)"]
-
-
-def _load_checkpoint(folder: Path, settings: dict[str, Any]) -> tuple[int, dict[str, torch.Tensor],
-                                                                      list[dict[str, float]]] | None:
-    path = folder / STATE_FILE
-    if not path.is_file():
-        return None
-    for tmp in folder.glob(".*.tmp-*"):  # left by a killed run: never read, removed
-        tmp.unlink(missing_ok=True)
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TrainingError(f"{path} is not valid JSON ({e}); delete {folder} to start again") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise TrainingError(f"{path} is not a training checkpoint (format {FORMAT!r})")
-    wanted = json.loads(json.dumps(settings))
-    if state.get("settings") != wanted:
-        diffs = _diff(state.get("settings"), wanted)
-        raise TrainingError(f"the checkpoint in {folder} was written with other settings: {'; '.join(diffs)}. "
-                            "Rerun with the same arguments to resume it, or use another checkpoint_dir")
-    from safetensors import SafetensorError, safe_open
-
-    tensor_path = folder / state["tensors"]
-    try:
-        with safe_open(str(tensor_path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise TrainingError(f"{tensor_path} cannot be read ({e}); delete {folder} to start again") from None
-    if meta.get("step") != str(state["step"]):
-        raise TrainingError(f"{tensor_path} holds step {meta.get('step')}, {path} says {state['step']}")
-    return int(state["step"]), tensors, state["records"]
-
-
 # ---------------------------------------------------------------------- train
 @overload
 def train(source: Any, kind: Literal["clt"], *, d_sae: int, steps: int, seed: int = 0,
@@ -400,7 +329,7 @@ def train(source: Any, kind: str = "jumprelu", *, d_sae: int, steps: int, seed: 
     every = checkpoint_every or max(1, steps // 10)
     trainer = CLTTrainer(settings, src, dev) if kind == "clt" else Trainer(settings, src, dev)  # type: ignore[arg-type]
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    loaded = _load_checkpoint(folder, settings) if folder is not None else None
+    loaded = load_checkpoint(folder, settings) if folder is not None else None
     start = 0
     if loaded is not None:
         start, tensors, records = loaded
@@ -431,7 +360,7 @@ def train(source: Any, kind: str = "jumprelu", *, d_sae: int, steps: int, seed: 
                 t += 1
                 bar.update(1)
                 if folder is not None and (t % every == 0 or t == steps):
-                    _save_checkpoint(folder, settings, trainer, t)
+                    save_checkpoint(folder, settings, trainer, t)
             epoch += 1
     finally:
         bar.close()
